@@ -1,0 +1,81 @@
+"""rechannel's safetensors artefacts (prompt banks, calibration statistics, ...) and their provenance.
+
+safetensors metadata is string to string, so everything rechannel knows about an artefact sits in one
+entry, `rechannel`, as a JSON string: tool version, artefact kind, the source model's spec and
+fingerprint, the arguments that made it, and kind-specific facts. A consumer passes the fingerprint of
+the model it is about to use, and an artefact made for another model is refused before any tensor loads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rechannel import __version__
+from rechannel.ops.atomic import atomic_path
+from rechannel.ops.errors import UserError
+from rechannel.ops.tensorfile import read_header
+
+META_KEY = "rechannel"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    kind: str  # e.g. "calibration-stats", "prompt-bank"
+    model: str  # the spec the user gave
+    fingerprint: str
+    args: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        entry = {"version": __version__, "kind": self.kind, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "source": {"model": self.model, "fingerprint": self.fingerprint}, "args": self.args, **self.extra}
+        return {"format": "pt", META_KEY: json.dumps(entry, sort_keys=True, default=str)}
+
+
+def save_artifact(path: str | Path, tensors: dict[str, Any], provenance: Provenance) -> None:
+    """Write `tensors` with provenance metadata, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=provenance.to_metadata())
+
+
+def read_provenance(path: str | Path) -> dict[str, Any]:
+    """The `rechannel` metadata entry of an artefact; a file rechannel did not write is a UserError."""
+    header = read_header(path)
+    raw = header.metadata.get(META_KEY)
+    if raw is None:
+        raise UserError(f"{path}: not a rechannel artefact (no {META_KEY!r} metadata)")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: damaged rechannel metadata (not JSON)") from None
+
+
+def check_artifact(path: str | Path, meta: dict[str, Any], kind: str | None, fingerprint: str | None,
+                   model: str = "") -> None:
+    """Refuse an artefact of another kind, or one made for another model than `fingerprint`."""
+    if kind is not None and meta.get("kind") != kind:
+        raise UserError(f"{path}: is a {meta.get('kind')!r} artefact, expected {kind!r}")
+    made_for = meta.get("source", {})
+    if fingerprint is not None and made_for.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"{path} was made for model {made_for.get('model')!r} (fingerprint {made_for.get('fingerprint')}), "
+            f"but the model given{f' ({model!r})' if model else ''} has fingerprint {fingerprint}; "
+            "use the model it was made for, or remake it for this one"
+        )
+
+
+def load_artifact(path: str | Path, kind: str | None = None, fingerprint: str | None = None,
+                  model: str = "", device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, provenance) of a rechannel artefact, after the kind and fingerprint checks."""
+    from safetensors.torch import load_file
+
+    meta = read_provenance(path)
+    check_artifact(path, meta, kind, fingerprint, model)
+    return load_file(str(path), device=device), meta

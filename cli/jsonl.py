@@ -1,0 +1,155 @@
+"""JSON Lines in and out: `-` is stdin/stdout, unknown fields pass through, bad lines name file and line.
+
+Input is read and checked whole before a command starts computing, so a malformed line 900 stops the
+run before anything is written. Output goes through orjson; non-finite floats, which JSON cannot hold,
+are written as null (orjson's behaviour) and counted in one warning on stderr, so a NaN loss or an
+overflowed perplexity is never silently turned into a missing value.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from rechannel.cli.console import warn
+from rechannel.ops.atomic import atomic_open
+from rechannel.ops.errors import UserError
+
+STDIO = "-"
+
+
+@dataclass
+class Record:
+    """One input object and where it came from, for error messages (`file:line`)."""
+
+    data: dict[str, Any]
+    where: str
+
+    def field(self, name: str, kind: type | tuple[type, ...] = str) -> Any:
+        """The value of a required field, checked for type; a UserError naming file:line otherwise."""
+        if name not in self.data:
+            raise UserError(f"{self.where}: missing field {name!r} (fields: {', '.join(self.data) or 'none'})")
+        value = self.data[name]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float):
+            want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise UserError(f"{self.where}: field {name!r} should be {want}, got {type(value).__name__}")
+        return value
+
+
+def _open_input(path: str) -> tuple[IO[bytes], str]:
+    if path == STDIO:
+        if sys.stdin.isatty():
+            raise UserError("no input: give a JSONL file, or pipe JSON Lines into stdin")
+        return sys.stdin.buffer, "<stdin>"
+    try:
+        return open(path, "rb"), path
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a JSONL file") from None
+
+
+def _parse_line(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_jsonl(path: str, require: Sequence[str] = (), allow_empty: bool = False) -> list[Record]:
+    """All records of `path` (or stdin for `-`), each checked to be an object holding `require`."""
+    f, name = _open_input(path)
+    records = []
+    with ExitStack() as stack:
+        if f is not sys.stdin.buffer:
+            stack.enter_context(f)
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                rec = Record(_parse_line(raw, f"{name}:{lineno}"), f"{name}:{lineno}")
+                for field in require:
+                    rec.field(field, object)
+                records.append(rec)
+    if not records and not allow_empty:
+        raise UserError(f"{name}: no records")
+    return records
+
+
+def _to_json(obj: Any) -> Any:
+    """orjson's fallback for what it does not know: tensors, paths, dtypes, sets."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (Path, type)) or type(obj).__module__ == "torch":
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+def count_nonfinite(obj: Any) -> int:
+    if isinstance(obj, float):
+        return 0 if math.isfinite(obj) else 1
+    if isinstance(obj, dict):
+        return sum(count_nonfinite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(count_nonfinite(v) for v in obj)
+    return 0
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj, default=_to_json, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
+
+
+class JsonlWriter:
+    """Writes records to stdout (`-`, flushed per record) or atomically to a file (on successful close)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.nonfinite = 0
+        self._stack = ExitStack()
+        self._out: IO[bytes] | None = None
+
+    def __enter__(self) -> JsonlWriter:
+        # take stdout's buffer now, before any progress bar can wrap sys.stdout
+        self._out = sys.stdout.buffer if self.path == STDIO else self._stack.enter_context(atomic_open(self.path))
+        return self
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.nonfinite += count_nonfinite(record)
+        self._out.write(dumps(record))
+        if self.path == STDIO:
+            self._out.flush()
+
+    def write_all(self, records: Iterable[dict[str, Any]]) -> None:
+        for r in records:
+            self.write(r)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.__exit__(*exc)
+        if self.nonfinite:
+            where = "stdout" if self.path == STDIO else self.path
+            warn(f"{self.nonfinite} non-finite number(s) (NaN or ±inf) written as null to {where}")
+
+
+def write_json(path: str, obj: Any) -> None:
+    """One JSON document (indented) to `path` atomically, or to stdout for `-`."""
+    data = orjson.dumps(obj, default=_to_json, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
+                        | orjson.OPT_SERIALIZE_NUMPY)
+    n = count_nonfinite(obj)
+    if path == STDIO:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        with atomic_open(path) as f:
+            f.write(data)
+    if n:
+        warn(f"{n} non-finite number(s) (NaN or ±inf) written as null to {path}")

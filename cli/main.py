@@ -1,0 +1,95 @@
+"""The `rechannel` entry point: the command table and the error boundary.
+
+Exit status: 0 success; 1 a failure the user can fix, printed as one line `error: ...` (traceback only
+with --debug); 2 a usage error (typer's own); 1 with "Aborted!" on Ctrl-C. A closed stdout (`| head`) ends the run
+quietly. Only typer and rich are imported here, so `--help` is instant; each command imports torch and
+transformers inside its body.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+
+import typer
+
+from rechannel import __version__
+from rechannel.cli import generate, inspect, models
+from rechannel.ops.errors import UserError
+
+HELP = """Compress a causal LM, measure what it lost, and win the knowledge back with routed soft prompts.
+
+[bold]Examples[/bold]
+
+  rechannel models prepare smollm2-135m
+  rechannel inspect smollm2-135m --no-tensors
+  rechannel generate "The capital of France is" --max-new-tokens 8
+  jq -c '{id, prompt: .question}' q.jsonl | rechannel generate | jq -r .completion
+
+Records travel as JSON Lines on stdin/stdout ("-"); tensors as safetensors; models in Hugging Face layout. Logs and progress go to stderr. Exit 0 on success, 1 with "error: ..." for a fixable failure, 2 for a usage error. The default model everywhere is the built-in alias smollm2-135m.
+"""
+
+app = typer.Typer(name="rechannel", help=HELP, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode="rich",
+                  context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"rechannel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (accepted anywhere on the line)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """(global options)"""
+
+
+app.add_typer(models.app, name="models")
+app.command("inspect")(inspect.inspect_command)
+app.command("generate")(generate.generate_command)
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe, point stdout at /dev/null so the interpreter's final flush cannot fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so atomic writers clean up
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or bool(os.environ.get("RECHANNEL_DEBUG"))
+    args = [a for a in args if a != "--debug"]
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app(args=args, prog_name="rechannel")
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:
+        _quiet_stdout()
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # a bug, not the user's fault: say so in one line unless asked for more
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

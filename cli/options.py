@@ -1,0 +1,16 @@
+"""Options shared by every command that loads a model, so they read the same everywhere."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Built-in alias, .gguf file or model directory.",
+                                     rich_help_panel="Model")]
+Device = Annotated[str, typer.Option(help="auto (cuda when present), cpu, cuda, cuda:1 ...", rich_help_panel="Model")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16.",
+                                     rich_help_panel="Model")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with the model.",
+                                                rich_help_panel="Model")]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout instead of a table.")]

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random Llama models built in-process, and a way to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "A quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.",
+    "Question: what is two plus two?\nAnswer: four.",
+    "Compression removes weights, and prompts redirect what the model already knows.",
+]
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained on a few sentences: ~300 tokens, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def make_tiny_llama(path: Path, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+    """Save a random Llama (GQA, 2 layers) with its tokenizer in Hugging Face layout at `path`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden + 8,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty, private model cache for one test."""
+    monkeypatch.setenv("RECHANNEL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `rechannel ARGS` as a real process: real exit status, stdout and stderr kept apart."""
+    full_env = {**os.environ, "CI": "true", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "rechannel.cli.main", *args], input=input,
+                          capture_output=True, env=full_env, timeout=timeout,
+                          stdin=None if input is not None else subprocess.DEVNULL)

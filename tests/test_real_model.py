@@ -1,0 +1,46 @@
+"""End to end on the real default model: convert the shipped GGUF once, reuse the cache, ask for Paris."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from rechannel.ops import models
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    r = run_cli("models", "prepare", "smollm2-135m", env={"RECHANNEL_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr
+    return cache, r.stdout.decode().strip()
+
+
+@pytest.mark.slow
+def test_prepare_prints_the_cached_directory(prepared):
+    cache, path = prepared
+    assert path == str(cache / "models" / "smollm2-135m")
+    d = json.loads(run_cli("inspect", path, "--json", "--no-tensors").stdout)
+    assert d["config"]["num_hidden_layers"] == 30 and d["parameters"] > 100_000_000
+
+
+@pytest.mark.slow
+def test_second_load_reuses_the_cache_and_paris_is_the_top_token(prepared, monkeypatch):
+    import torch
+
+    cache, path = prepared
+    monkeypatch.setenv("RECHANNEL_CACHE", str(cache))
+
+    def no_conversion(*a, **k):
+        raise AssertionError("the cached conversion should have been reused")
+
+    monkeypatch.setattr("rechannel.ops.convert.convert_gguf", no_conversion)
+    lm = models.load_model("smollm2-135m", device="cpu")
+    assert str(lm.path) == path
+    ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        top = lm.model(ids).logits[0, -1].argmax().item()
+    assert lm.tokenizer.decode([top]) == " Paris"
+    assert lm.fingerprint == models.load_model(path, device="cpu").fingerprint  # alias and path agree
