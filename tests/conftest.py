@@ -71,3 +71,14 @@ def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,
     return subprocess.run([sys.executable, "-m", "rechannel.cli.main", *args], input=input,
                           capture_output=True, env=full_env, timeout=timeout,
                           stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def _interpret_kernels_without_gpu() -> None:
+    """Triton kernels run in its interpreter on a machine without a GPU; must precede any kernel import."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_kernels_without_gpu()

@@ -1,0 +1,141 @@
+"""Calibration windows and per-layer input statistics.
+
+Windows are drawn as the GPTQ / SparseGPT / Wanda reference code draws C4 samples: with Python's
+`random` seeded, pick a random document until one has more than `seqlen` tokens, then a random start
+inside it; repeat for each sample. Documents are tokenized once and cached, which changes nothing in the
+sequence of draws.
+
+Statistics, per Linear layer of a decoder block, from its inputs x (tokens x d_in):
+- sumsq[j] = sum over tokens of x_j^2 (Wanda's ||X_j||_2 is its square root), accumulated in float64;
+- with `hessian`, H = (2/n) sum x x^T in float32 (GPTQ / SparseGPT), n the token count.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rechannel.ops.blocks import BlockInputs, capture_first_inputs, decoder_blocks, linear_layers, run_block
+from rechannel.ops.errors import UserError
+
+
+def draw_windows(texts: Sequence[str], tokenizer: Any, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """(samples, seqlen) token windows, drawn exactly as the reference calibration loaders draw them."""
+    lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
+    if not any(n > seqlen for n in lengths):
+        raise UserError(f"no calibration document is longer than --seqlen {seqlen} tokens "
+                        f"(longest: {max(lengths, default=0)}); lower --seqlen or give longer texts")
+    cache: dict[int, list[int]] = {}
+    rng = random.Random(seed)
+    windows = []
+    for _ in range(samples):
+        while True:
+            i = rng.randint(0, len(texts) - 1)
+            if lengths[i] > seqlen:
+                break
+        ids = cache.setdefault(i, tokenizer(texts[i])["input_ids"])
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        windows.append(ids[start:start + seqlen])
+    return torch.tensor(windows, dtype=torch.long)
+
+
+@dataclass
+class LayerStats:
+    """Running statistics of one Linear layer's inputs."""
+
+    sumsq: torch.Tensor  # (d_in,) float64
+    tokens: int = 0
+    hessian: torch.Tensor | None = None  # (d_in, d_in) float32: sum of x x^T, or H itself when `scaled`
+    scaled: bool = False  # True for statistics read back from a file, where H is stored already scaled
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, d_in)
+        self.sumsq += (x * x).sum(0).double().to(self.sumsq.device)
+        self.tokens += x.shape[0]
+        if self.hessian is not None:
+            self.hessian.addmm_(x.t(), x)
+
+    def scaled_hessian(self) -> torch.Tensor:
+        """H = (2/n) sum x x^T."""
+        return self.hessian if self.scaled else self.hessian * (2.0 / max(self.tokens, 1))
+
+    def norms(self) -> torch.Tensor:
+        """Wanda's per-input-channel ||X_j||_2 (float32)."""
+        return self.sumsq.sqrt().float()
+
+
+def new_stats(layer: nn.Linear, hessian: bool) -> LayerStats:
+    d = layer.in_features
+    dev = layer.weight.device
+    return LayerStats(torch.zeros(d, dtype=torch.float64, device=dev),
+                      hessian=torch.zeros(d, d, dtype=torch.float32, device=dev) if hessian else None)
+
+
+def select_targets(block: nn.Module, pattern: str) -> dict[str, nn.Linear]:
+    """The block's Linear layers whose name matches the regex `pattern` (searched, not anchored)."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"--targets {pattern!r} is not a valid regular expression ({e})") from None
+    chosen = {n: m for n, m in linear_layers(block).items() if rx.search(n)}
+    if not chosen:
+        raise UserError(f"--targets {pattern!r} matches no Linear layer of a block "
+                        f"(layers: {', '.join(linear_layers(block))})")
+    return chosen
+
+
+def collect_block_stats(block: nn.Module, inputs: BlockInputs, targets: dict[str, nn.Linear],
+                        hessian: bool) -> tuple[dict[str, LayerStats], BlockInputs]:
+    """Statistics of each target's inputs while `block` runs on `inputs` (one pass, by forward hooks),
+    and the block's outputs from that same pass."""
+    stats = {name: new_stats(layer, hessian) for name, layer in targets.items()}
+    handles = [layer.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.add(args[0]))
+               for name, layer in targets.items()]
+    try:
+        outputs = run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, outputs
+
+
+@dataclass
+class CalibrationResult:
+    stats: dict[str, LayerStats] = field(default_factory=dict)  # key: "layers.{i}.{name}"
+    tokens: int = 0
+
+
+def calibrate(model: nn.Module, windows: torch.Tensor, targets: str, hessian: bool, batch_size: int = 8,
+              on_block: Callable[[int], None] | None = None) -> CalibrationResult:
+    """Dense statistics for every target layer, block by block, each block fed the dense outputs before it."""
+    inputs = capture_first_inputs(model, windows, batch_size)
+    result = CalibrationResult(tokens=windows.numel())
+    for i, block in enumerate(decoder_blocks(model)):
+        stats, inputs = collect_block_stats(block, inputs, select_targets(block, targets), hessian)
+        result.stats.update({f"layers.{i}.{name}": s for name, s in stats.items()})
+        if on_block:
+            on_block(i)
+    return result
+
+
+def stats_to_tensors(result: CalibrationResult, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors of a calibration-stats file: the windows, and per layer sumsq (and H, scaled)."""
+    out = {"windows": windows.to(torch.int32)}
+    for key, s in result.stats.items():
+        out[f"{key}.sumsq"] = s.sumsq.cpu()
+        if s.hessian is not None:
+            out[f"{key}.hessian"] = s.scaled_hessian().cpu()
+    return out
+
+
+def stats_from_tensors(tensors: dict[str, torch.Tensor], tokens: int) -> dict[str, LayerStats]:
+    """Inverse of `stats_to_tensors` (without the windows)."""
+    keys = [k[: -len(".sumsq")] for k in tensors if k.endswith(".sumsq")]
+    return {k: LayerStats(tensors[f"{k}.sumsq"].double(), tokens, tensors.get(f"{k}.hessian"), scaled=True)
+            for k in keys}

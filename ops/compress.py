@@ -1,0 +1,158 @@
+"""The pruning driver: which statistics each method needs, the sequential protocol, the per-layer report.
+
+Sequential (the reference protocol for Wanda and SparseGPT): for each block, collect the statistics of its
+Linear inputs from the outputs of the already-pruned blocks before it, prune every target layer, then run
+the pruned block again to produce the next block's inputs, measuring each layer's relative output error
+||WX - W'X|| / ||WX|| on the inputs it sees there. One-shot: prune every layer from dense statistics
+(a `calibrate` file); the error then comes from H when the file has it (tr(dW H dW^T) / tr(W H W^T)).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rechannel.ops.blocks import BlockInputs, capture_first_inputs, decoder_blocks, run_block
+from rechannel.ops.calibration import LayerStats, collect_block_stats, select_targets
+from rechannel.ops.prune import Pattern, check_pattern, select_mask, sparsegpt
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str  # magnitude | wanda | sparsegpt
+    sparsity: float
+    pattern: Pattern
+    targets: str = r"(self_attn|mlp)\."
+    blocksize: int = 128
+    percdamp: float = 0.01
+    batch_size: int = 8
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float  # achieved: zeros / entries
+    rel_error: float | None  # ||WX - W'X|| / ||WX|| on calibration inputs, None without data
+    damping: float | None = None  # SparseGPT only
+    seconds: float = 0.0
+
+
+@dataclass
+class PruneReport:
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def totals(self) -> dict[str, Any]:
+        entries = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        errs = [r.rel_error for r in self.layers if r.rel_error is not None]
+        return {"layers": len(self.layers), "parameters": entries, "pruned": round(zeros),
+                "sparsity": zeros / entries if entries else 0.0,
+                "mean_rel_error": sum(errs) / len(errs) if errs else None,
+                "max_rel_error": max(errs) if errs else None,
+                "raised_damping": [r.name for r in self.layers if r.damping and r.damping > 0.01 + 1e-12]}
+
+
+def needs_hessian(method: str) -> bool:
+    return method == "sparsegpt"
+
+
+def prune_layer(layer: nn.Linear, stats: LayerStats | None, cfg: PruneConfig, name: str) -> LayerReport:
+    """Prune one Linear in place from its input statistics (None is fine for magnitude)."""
+    t0 = time.perf_counter()
+    w = layer.weight.data
+    check_pattern(cfg.pattern, w.shape[1], name)
+    damping = None
+    if cfg.method == "sparsegpt":
+        new_w, mask, obs = sparsegpt(w, stats.scaled_hessian(), cfg.sparsity, cfg.pattern, cfg.blocksize,
+                                     cfg.percdamp)
+        w.copy_(new_w.to(w.dtype))
+        damping = obs.damping
+    else:
+        scale = stats.norms() if cfg.method == "wanda" else None
+        mask = select_mask(w, scale, cfg.sparsity, cfg.pattern)
+        w.masked_fill_(mask, 0)
+    achieved = (w == 0).float().mean().item()
+    return LayerReport(name, tuple(w.shape), achieved, None, damping, time.perf_counter() - t0)
+
+
+class _ErrorMeter:
+    """Accumulates ||(W - W')x||^2 and ||Wx||^2 over a layer's inputs, with W the dense weight."""
+
+    def __init__(self, dense: torch.Tensor, layer: nn.Linear) -> None:
+        self.delta = (dense.float() - layer.weight.float())  # (R, C)
+        self.dense = dense.float()
+        self.num = 0.0
+        self.den = 0.0
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, C)
+        self.num += (x @ self.delta.t()).pow(2).sum().item()
+        self.den += (x @ self.dense.t()).pow(2).sum().item()
+
+    def value(self) -> float:
+        return (self.num / self.den) ** 0.5 if self.den > 0 else 0.0
+
+
+def _run_measuring(block: nn.Module, inputs: BlockInputs, dense: dict[str, torch.Tensor],
+                   layers: dict[str, nn.Linear]) -> tuple[BlockInputs, dict[str, float]]:
+    meters = {n: _ErrorMeter(dense[n], layers[n]) for n in layers}
+    handles = [layers[n].register_forward_pre_hook(meters[n]) for n in layers]
+    try:
+        outputs = run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs, {n: m.value() for n, m in meters.items()}
+
+
+def prune_sequential(model: nn.Module, windows: torch.Tensor, cfg: PruneConfig,
+                     on_block: Callable[[int], None] | None = None) -> PruneReport:
+    """The reference protocol: block by block, statistics from the already-pruned model's activations."""
+    inputs = capture_first_inputs(model, windows, cfg.batch_size)
+    report = PruneReport()
+    for i, block in enumerate(decoder_blocks(model)):
+        layers = select_targets(block, cfg.targets)
+        stats, _ = collect_block_stats(block, inputs, layers, needs_hessian(cfg.method))
+        dense = {n: l.weight.data.clone() for n, l in layers.items()}
+        reports = {n: prune_layer(l, stats[n], cfg, f"layers.{i}.{n}") for n, l in layers.items()}
+        del stats
+        inputs, errors = _run_measuring(block, inputs, dense, layers)
+        for n, r in reports.items():
+            r.rel_error = errors[n]
+            report.layers.append(r)
+        if on_block:
+            on_block(i)
+    return report
+
+
+def hessian_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """sqrt(tr(dW H dW^T) / tr(W H W^T)): the relative output error on the inputs H was built from."""
+    d = dense.float() - pruned.float()
+    w = dense.float()
+    num = ((d @ hessian) * d).sum()
+    den = ((w @ hessian) * w).sum()
+    return (num / den).clamp_min(0).sqrt().item() if den > 0 else 0.0
+
+
+def prune_one_shot(model: nn.Module, stats: dict[str, LayerStats], cfg: PruneConfig,
+                   on_block: Callable[[int], None] | None = None) -> PruneReport:
+    """Every layer from dense statistics (or none, for magnitude); no forward pass."""
+    report = PruneReport()
+    for i, block in enumerate(decoder_blocks(model)):
+        for n, layer in select_targets(block, cfg.targets).items():
+            key = f"layers.{i}.{n}"
+            s = stats.get(key)
+            dense = layer.weight.data.clone() if s is not None and s.hessian is not None else None
+            r = prune_layer(layer, s, cfg, key)
+            if dense is not None:
+                r.rel_error = hessian_error(dense, layer.weight.data, s.scaled_hessian())
+            report.layers.append(r)
+        if on_block:
+            on_block(i)
+    return report

@@ -1,0 +1,69 @@
+"""Perplexity over a token stream, as GPTQ, SparseGPT and Wanda report it.
+
+The text is tokenized whole, cut into non-overlapping windows of `seqlen` tokens (the tail that does not
+fill a window is dropped), and ppl = exp(mean over windows of the window's mean next-token loss), which
+is the reference `exp(sum(loss_i * seqlen) / (n * seqlen))`. The loss is computed from the final hidden
+states through the output head in chunks, so no (T, vocab) float32 tensor is held for a whole window.
+Perplexity is only comparable at the same window length and text joining: both are reported with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rechannel.ops.errors import UserError
+
+HEAD_CHUNK = 512  # tokens whose logits are materialised at once
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float
+    windows: int
+    seqlen: int
+    tokens_scored: int
+
+
+def wikitext2_text(path: str) -> str:
+    """WikiText-2 raw test as the reference loaders join it: non-empty lines joined by blank lines."""
+    with open(path, encoding="utf-8") as f:
+        return "\n\n".join(line.rstrip("\n") for line in f if line.strip())
+
+
+@torch.inference_mode()
+def window_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of each window. ids (B, T) -> (B,) float32"""
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, d)
+    head = model.get_output_embeddings()
+    total = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device)
+    for s in range(0, ids.shape[1] - 1, HEAD_CHUNK):
+        e = min(s + HEAD_CHUNK, ids.shape[1] - 1)
+        logits = head(hidden[:, s:e]).float()  # (B, chunk, V)
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, s + 1:e + 1], reduction="none")
+        total += nll.sum(1)
+    return total / (ids.shape[1] - 1)
+
+
+def perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, limit: int | None = None,
+               batch_size: int = 1, on_batch: Callable[[int], None] | None = None) -> PerplexityResult:
+    """Perplexity of `stream` (N,) over its first `limit` non-overlapping windows (all when None)."""
+    n = stream.numel() // seqlen
+    if limit is not None:
+        n = min(n, limit)
+    if n == 0:
+        raise UserError(f"the text has {stream.numel()} tokens, fewer than one window of --seqlen {seqlen}")
+    windows = stream[: n * seqlen].view(n, seqlen)
+    device = next(model.parameters()).device
+    nlls = []
+    for i in range(0, n, batch_size):
+        nlls.append(window_nll(model, windows[i:i + batch_size].to(device)).double().cpu())
+        if on_batch:
+            on_batch(len(nlls[-1]))
+    mean = torch.cat(nlls).mean().item()
+    return PerplexityResult(math.exp(mean) if mean < 700 else math.inf, mean, n, seqlen, n * (seqlen - 1))
