@@ -35,7 +35,7 @@ demo: install
 	$(BIN)/rechannel generate "The capital of France is" --max-new-tokens 8 | tee $(OUT)/completion.jsonl
 
 bench: install
-	@echo "no GPU kernels yet: nothing to benchmark"
+	$(BIN)/python tests/bench/prune.py --out bench-latest.md
 
 clean:
 	rm -rf $(OUT) build dist *.egg-info .pytest_cache .ruff_cache

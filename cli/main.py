@@ -16,7 +16,7 @@ import traceback
 import typer
 
 from rechannel import __version__
-from rechannel.cli import generate, inspect, models
+from rechannel.cli import calibrate, compress, eval, generate, inspect, models, table
 from rechannel.ops.errors import UserError
 
 HELP = """Compress a causal LM, measure what it lost, and win the knowledge back with routed soft prompts.
@@ -53,6 +53,10 @@ def _root(
 app.add_typer(models.app, name="models")
 app.command("inspect")(inspect.inspect_command)
 app.command("generate")(generate.generate_command)
+app.command("calibrate")(calibrate.calibrate_command)
+app.command("compress")(compress.compress_command)
+app.command("eval")(eval.eval_command)
+app.command("table")(table.table_command)
 
 
 def _quiet_stdout() -> None:

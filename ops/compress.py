@@ -82,18 +82,18 @@ def prune_layer(layer: nn.Linear, stats: LayerStats | None, cfg: PruneConfig, na
 
 
 class _ErrorMeter:
-    """Accumulates ||(W - W')x||^2 and ||Wx||^2 over a layer's inputs, with W the dense weight."""
+    """A forward hook accumulating ||Wx - W'x||^2 and ||Wx||^2, W the dense weight, W'x the layer's output."""
 
-    def __init__(self, dense: torch.Tensor, layer: nn.Linear) -> None:
-        self.delta = (dense.float() - layer.weight.float())  # (R, C)
-        self.dense = dense.float()
+    def __init__(self, dense: torch.Tensor) -> None:
+        self.dense = dense
         self.num = 0.0
         self.den = 0.0
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, C)
-        self.num += (x @ self.delta.t()).pow(2).sum().item()
-        self.den += (x @ self.dense.t()).pow(2).sum().item()
+    def __call__(self, module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
+        x = args[0]  # (..., C)
+        ref = nn.functional.linear(x, self.dense, module.bias).float()  # (..., R)
+        self.num += (ref - output.float()).pow(2).sum().item()
+        self.den += ref.pow(2).sum().item()
 
     def value(self) -> float:
         return (self.num / self.den) ** 0.5 if self.den > 0 else 0.0
@@ -101,8 +101,8 @@ class _ErrorMeter:
 
 def _run_measuring(block: nn.Module, inputs: BlockInputs, dense: dict[str, torch.Tensor],
                    layers: dict[str, nn.Linear]) -> tuple[BlockInputs, dict[str, float]]:
-    meters = {n: _ErrorMeter(dense[n], layers[n]) for n in layers}
-    handles = [layers[n].register_forward_pre_hook(meters[n]) for n in layers]
+    meters = {n: _ErrorMeter(dense[n]) for n in layers}
+    handles = [layers[n].register_forward_hook(meters[n]) for n in layers]
     try:
         outputs = run_block(block, inputs)
     finally:
@@ -119,8 +119,8 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor, cfg: PruneConfig,
     for i, block in enumerate(decoder_blocks(model)):
         layers = select_targets(block, cfg.targets)
         stats, _ = collect_block_stats(block, inputs, layers, needs_hessian(cfg.method))
-        dense = {n: l.weight.data.clone() for n, l in layers.items()}
-        reports = {n: prune_layer(l, stats[n], cfg, f"layers.{i}.{n}") for n, l in layers.items()}
+        dense = {n: layer.weight.data.clone() for n, layer in layers.items()}
+        reports = {n: prune_layer(layer, stats[n], cfg, f"layers.{i}.{n}") for n, layer in layers.items()}
         del stats
         inputs, errors = _run_measuring(block, inputs, dense, layers)
         for n, r in reports.items():

@@ -199,3 +199,15 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
         tokenizer.pad_token = tokenizer.eos_token
     model.rechannel_load_seconds = time.perf_counter() - t0
     return LoadedModel(model, tokenizer, path, model_fingerprint(path), spec)
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path, entry: dict[str, Any]) -> Path:
+    """Write a Hugging Face layout directory atomically: safetensors (sharded above 2 GB), config.json
+    with a `rechannel` entry describing how it was made, and the tokenizer files."""
+    from rechannel.ops.atomic import atomic_path
+
+    model.config.rechannel = entry
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

@@ -51,7 +51,7 @@ def window_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, limit: int | None = None,
-               batch_size: int = 1, on_batch: Callable[[int], None] | None = None) -> PerplexityResult:
+               batch_size: int = 1, on_windows: Callable[[torch.Tensor], None] | None = None) -> PerplexityResult:
     """Perplexity of `stream` (N,) over its first `limit` non-overlapping windows (all when None)."""
     n = stream.numel() // seqlen
     if limit is not None:
@@ -63,7 +63,7 @@ def perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, limit: int |
     nlls = []
     for i in range(0, n, batch_size):
         nlls.append(window_nll(model, windows[i:i + batch_size].to(device)).double().cpu())
-        if on_batch:
-            on_batch(len(nlls[-1]))
+        if on_windows:
+            on_windows(nlls[-1])
     mean = torch.cat(nlls).mean().item()
     return PerplexityResult(math.exp(mean) if mean < 700 else math.inf, mean, n, seqlen, n * (seqlen - 1))

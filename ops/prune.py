@@ -48,8 +48,10 @@ def check_pattern(pattern: Pattern, in_features: int, layer: str) -> None:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Triton kernels on CUDA tensors unless RECHANNEL_KERNELS=torch; the torch path elsewhere."""
-    return t.is_cuda and os.environ.get("RECHANNEL_KERNELS", "auto") != "torch"
+    """RECHANNEL_KERNELS=auto (default): Triton for CUDA tensors, torch elsewhere; =torch: never Triton;
+    =triton: always (on the CPU that needs TRITON_INTERPRET=1: how the tests run the kernels here)."""
+    choice = os.environ.get("RECHANNEL_KERNELS", "auto")
+    return choice == "triton" or (choice == "auto" and t.is_cuda)
 
 
 # ---- mask selection: the torch twins -------------------------------------------------------------
@@ -159,6 +161,12 @@ def _sparsegpt_block(w: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, i1
         score = w1**2 / d1.view(1, -1) ** 2
         thresh = torch.sort(score.flatten())[0][int(score.numel() * sparsity)]
         m1 |= score <= thresh
+    if use_triton(w1):
+        from rechannel.triton_kernels.sparsegpt import obs_block
+
+        err = obs_block(w1, h1, m1, pattern.n, pattern.m)
+        w[:, i1:i2] = w1
+        return err
     err = torch.zeros_like(w1)
     for i in range(i2 - i1):
         if pattern.structured and i % pattern.m == 0:

@@ -82,3 +82,20 @@ def _interpret_kernels_without_gpu() -> None:
 
 
 _interpret_kernels_without_gpu()
+
+
+def make_docs(n: int = 40, seed: int = 0) -> list[str]:
+    """Documents of very different lengths made from the corpus sentences (some short, some long)."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(CORPUS) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def docs_file(tmp_path_factory) -> Path:
+    import orjson
+
+    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
+    path.write_bytes(b"".join(orjson.dumps({"text": t, "id": i}) + b"\n" for i, t in enumerate(make_docs())))
+    return path

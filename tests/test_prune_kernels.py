@@ -94,3 +94,14 @@ def test_twins_equal_the_published_wanda_selection():
     for ii in range(0, 96, 4):
         ref.scatter_(1, ii + torch.topk(metric[:, ii:ii + 4], 2, dim=1, largest=False)[1], True)
     assert torch.equal(n_of_m_smallest(metric, 2, 4), ref)
+
+
+def test_select_mask_dispatches_to_the_kernels_on_request(monkeypatch):
+    from rechannel.ops.prune import Pattern, select_mask
+
+    w, s = _inputs(12, 64, torch.float16, seed=11)
+    for pattern, sparsity in ((Pattern(), 0.4), (Pattern(2, 4), 0.5)):
+        monkeypatch.setenv("RECHANNEL_KERNELS", "torch")
+        a = select_mask(w, s, sparsity, pattern)
+        monkeypatch.setenv("RECHANNEL_KERNELS", "triton")
+        assert torch.equal(select_mask(w, s, sparsity, pattern), a)

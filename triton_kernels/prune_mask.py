@@ -32,7 +32,7 @@ def _row_k_smallest_kernel(w_ptr, s_ptr, mask_ptr, cols, stride_w, k,
     bits = score.to(tl.int32, bitcast=True)
     bits = tl.where(valid, bits, 0x7FFFFFFF)  # padding sorts after every real score
     kth = tl.zeros((), dtype=tl.int32)
-    for b in tl.static_range(30, -1, -1):
+    for b in tl.static_range(30, -1, -1):  # (a two-bits-per-step variant with packed int64 counts was slower)
         cand = kth | (1 << b)
         below = tl.sum((bits < cand).to(tl.int32), axis=0)
         kth = tl.where(below <= k - 1, cand, kth)

@@ -1,0 +1,87 @@
+"""`rechannel table`: put several `eval` results side by side (rich table, markdown, or JSONL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rechannel.cli.options import Json
+from rechannel.ops.errors import UserError
+
+
+def _load(path: str) -> dict[str, Any]:
+    import orjson
+
+    try:
+        doc = orjson.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except orjson.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg})") from None
+    if not isinstance(doc, dict) or "results" not in doc:
+        raise UserError(f"{path}: not an eval results file (no 'results')")
+    return doc
+
+
+def _label(path: str, doc: dict[str, Any]) -> str:
+    c = (doc.get("config") or {}).get("compression")
+    if not c:
+        return "dense"
+    return f"{c.get('method')} {c.get('pattern') if c.get('pattern') != 'unstructured' else format(c.get('sparsity'), '.0%')}"
+
+
+def _rows(paths: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    docs = [(p, _load(p)) for p in paths]
+    columns = sorted({f"{task} {metric.split(',')[0]}" for _, d in docs for task, m in d["results"].items()
+                      for metric in m if metric.endswith(",none") and "stderr" not in metric and metric != "nll,none"})
+    rows = []
+    for p, d in docs:
+        row = {"run": _label(p, d), "file": p}
+        for task, m in d["results"].items():
+            for metric, v in m.items():
+                if f"{task} {metric.split(',')[0]}" in columns:
+                    row[f"{task} {metric.split(',')[0]}"] = v
+        rows.append(row)
+    return columns, rows
+
+
+def table_command(
+    results: Annotated[list[str], typer.Argument(help="eval results files (-o outputs).")],
+    json: Json = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="A markdown table on stdout.")] = False,
+) -> None:
+    """Compare eval results side by side: one row per file, one column per task metric.
+
+    [bold]Examples[/bold]
+
+      rechannel table dense.json out/*.json
+      rechannel table dense.json wanda50.json --markdown >> RESULTS.md
+      rechannel table *.json --json | jq -c .
+    """
+    columns, rows = _rows(results)
+    if json:
+        from rechannel.cli.jsonl import STDIO, JsonlWriter
+
+        with JsonlWriter(STDIO) as out:
+            out.write_all(rows)
+        return
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    if markdown:
+        print("| run | " + " | ".join(columns) + " |")
+        print("|---|" + "---:|" * len(columns))
+        for r in rows:
+            print(f"| {r['run']} | " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table()
+    t.add_column("run")
+    for c in columns:
+        t.add_column(c, justify="right")
+    t.add_column("file", style="dim")
+    for r in rows:
+        t.add_row(r["run"], *(fmt(r.get(c)) for c in columns), r["file"])
+    Console().print(t)

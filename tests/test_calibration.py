@@ -1,0 +1,80 @@
+"""Calibration windows and statistics against direct, independent computations."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import make_docs
+from rechannel.ops.blocks import decoder_blocks, linear_layers
+from rechannel.ops.calibration import calibrate, draw_windows
+from rechannel.ops.errors import UserError
+from rechannel.ops.models import load_model
+
+
+def reference_windows(texts, tokenizer, nsamples, seqlen, seed):
+    """The reference loaders' loop, literally: tokenize on every draw, keep docs longer than seqlen."""
+    random.seed(seed)
+    out = []
+    for _ in range(nsamples):
+        while True:
+            i = random.randint(0, len(texts) - 1)
+            enc = tokenizer(texts[i], return_tensors="pt")
+            if enc.input_ids.shape[1] > seqlen:
+                break
+        i = random.randint(0, enc.input_ids.shape[1] - seqlen - 1)
+        out.append(enc.input_ids[:, i:i + seqlen])
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return load_model(str(tiny_model), device="cpu")
+
+
+def test_windows_are_drawn_exactly_as_the_reference(tiny):
+    texts = make_docs()
+    for seed in (0, 3):
+        got = draw_windows(texts, tiny.tokenizer, 9, 48, seed)
+        assert torch.equal(got, reference_windows(texts, tiny.tokenizer, 9, 48, seed))
+
+
+def test_no_document_long_enough_is_a_user_error(tiny):
+    with pytest.raises(UserError, match="longer than --seqlen 4096"):
+        draw_windows(make_docs(), tiny.tokenizer, 4, 4096, 0)
+
+
+def test_statistics_equal_a_direct_float64_computation(tiny):
+    windows = draw_windows(make_docs(), tiny.tokenizer, 6, 32, 0)
+    result = calibrate(tiny.model, windows, r"(self_attn|mlp)\.", hessian=True, batch_size=4)
+    # independent: one full-model forward with hooks on every Linear, float64 sums
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for i, block in enumerate(decoder_blocks(tiny.model)):
+        for name, layer in linear_layers(block).items():
+            key = f"layers.{i}.{name}"
+            handles.append(layer.register_forward_pre_hook(
+                lambda mod, args, key=key: seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))))
+    with torch.no_grad():
+        tiny.model(windows)
+    for h in handles:
+        h.remove()
+    assert set(result.stats) == set(seen) and result.tokens == windows.numel()
+    for key, xs in seen.items():
+        x = torch.cat(xs).double()
+        s = result.stats[key]
+        torch.testing.assert_close(s.sumsq, (x * x).sum(0), rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(s.scaled_hessian().double(), 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+        assert s.tokens == x.shape[0]
+
+
+def test_targets_choose_layers_and_a_bad_regex_is_refused(tiny):
+    windows = draw_windows(make_docs(), tiny.tokenizer, 2, 16, 0)
+    result = calibrate(tiny.model, windows, r"mlp\.down", hessian=False)
+    assert sorted(result.stats) == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
+    with pytest.raises(UserError, match="matches no Linear"):
+        calibrate(tiny.model, windows, "nothing_here", hessian=False)
+    with pytest.raises(UserError, match="not a valid regular expression"):
+        calibrate(tiny.model, windows, "(", hessian=False)
