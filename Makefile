@@ -7,7 +7,8 @@ OUT    ?= demo-out
 TORCH_CPU ?= torch==2.13.0
 export RECHANNEL_CACHE ?= $(HOME)/.cache/rechannel
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo prune-table bench lint clean
+.SECONDARY:  # keep the pruned model directories: they are intermediate targets of the eval files
 
 install: $(VENV)/.installed
 
@@ -26,13 +27,46 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+# The pruning experiment. CPU-sized defaults; the reference protocol is SAMPLES=128 SEQLEN=2048 PPL_LIMIT=
+# (every window), which wants a GPU: make prune-table SAMPLES=128 SEQLEN=2048 PPL_LIMIT= DEVICE=cuda
+SAMPLES   ?= 32
+SEQLEN    ?= 512
+PPL_LIMIT ?= 32
+DEVICE    ?= auto
+C4        := $(DATA)/calibration/c4_en_train00000_first1000.jsonl
+RC        := $(BIN)/rechannel
+RUNS      := magnitude-50 wanda-50 sparsegpt-50 magnitude-2of4 wanda-2of4 sparsegpt-2of4
+EVAL_ARGS  = --tasks wikitext2 --data-dir $(DATA) --seqlen $(SEQLEN) $(if $(PPL_LIMIT),--limit $(PPL_LIMIT)) --device $(DEVICE)
+
 demo: install
 	@mkdir -p $(OUT)
-	@echo "== models prepare (converts the built-in GGUF once, then reuses the cache)"
-	$(BIN)/rechannel models prepare smollm2-135m
-	$(BIN)/rechannel inspect smollm2-135m --no-tensors
+	@echo "== models prepare: convert the built-in GGUF once, then reuse the cache"
+	$(RC) models prepare smollm2-135m
+	$(RC) inspect smollm2-135m --no-tensors
 	@echo "== generate: greedy completion with the default model"
-	$(BIN)/rechannel generate "The capital of France is" --max-new-tokens 8 | tee $(OUT)/completion.jsonl
+	$(RC) generate "The capital of France is" --max-new-tokens 8 | tee $(OUT)/completion.jsonl
+	@$(MAKE) --no-print-directory prune-table
+
+prune-table: install $(OUT)/dense.eval.json $(RUNS:%=$(OUT)/%.eval.json)
+	@echo "== WikiText-2 perplexity, $(SEQLEN)-token windows$(if $(PPL_LIMIT), (first $(PPL_LIMIT))), calibration $(SAMPLES) x $(SEQLEN) C4 tokens, seed 0"
+	$(RC) table $(OUT)/dense.eval.json $(RUNS:%=$(OUT)/%.eval.json)
+	@$(RC) table $(OUT)/dense.eval.json $(RUNS:%=$(OUT)/%.eval.json) --markdown > $(OUT)/prune-table.md
+
+$(OUT)/stats.safetensors: | install
+	@mkdir -p $(OUT)
+	$(RC) calibrate --data $(C4) --docs 0:500 --samples $(SAMPLES) --seqlen $(SEQLEN) --hessian --device $(DEVICE) -o $@
+
+$(OUT)/dense.eval.json: | install
+	@mkdir -p $(OUT)
+	$(RC) eval $(EVAL_ARGS) -o $@ > $(OUT)/dense.windows.jsonl
+
+$(OUT)/%.eval.json: $(OUT)/%/config.json
+	$(RC) eval --model $(OUT)/$* $(EVAL_ARGS) -o $@ > $(OUT)/$*.windows.jsonl
+
+method  = $(word 1,$(subst -, ,$*))
+pattern = $(if $(findstring 2of4,$*),--pattern 2:4,--sparsity 0.5)
+$(OUT)/%/config.json: $(OUT)/stats.safetensors
+	$(RC) compress --method $(method) $(pattern) $(if $(filter magnitude,$(method)),,--stats $< --sequential) --device $(DEVICE) -o $(OUT)/$* > $(OUT)/$*.report.json
 
 bench: install
 	$(BIN)/python tests/bench/prune.py --out bench-latest.md

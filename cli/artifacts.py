@@ -71,11 +71,16 @@ def check_artifact(path: str | Path, meta: dict[str, Any], kind: str | None, fin
         )
 
 
-def load_artifact(path: str | Path, kind: str | None = None, fingerprint: str | None = None,
-                  model: str = "", device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tensors, provenance) of a rechannel artefact, after the kind and fingerprint checks."""
-    from safetensors.torch import load_file
+def load_artifact(path: str | Path, kind: str | None = None, fingerprint: str | None = None, model: str = "",
+                  device: str = "cpu", names: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, provenance) of a rechannel artefact, after the kind and fingerprint checks; `names`
+    reads only those tensors (the rest of the file is never loaded)."""
+    from safetensors import safe_open
 
     meta = read_provenance(path)
     check_artifact(path, meta, kind, fingerprint, model)
-    return load_file(str(path), device=device), meta
+    with safe_open(str(path), framework="pt", device=device) as f:
+        missing = [n for n in names or [] if n not in f.keys()]
+        if missing:
+            raise UserError(f"{path}: has no tensor {missing[0]!r}")
+        return {n: f.get_tensor(n) for n in (names or f.keys())}, meta

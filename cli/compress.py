@@ -13,7 +13,7 @@ from rechannel.ops.errors import UserError
 
 
 def _config(method: str, sparsity: float, pattern: str, targets: str, blocksize: int, percdamp: float,
-            batch_size: int) -> Any:
+            batch_size: int, error_tokens: int) -> Any:
     """Validate every option before the model loads: a bad one is a one-line error and nothing is written."""
     from rechannel.ops.compress import PruneConfig
     from rechannel.ops.errors import unknown_choice
@@ -26,10 +26,10 @@ def _config(method: str, sparsity: float, pattern: str, targets: str, blocksize:
         sparsity = pat.n / pat.m
     elif not 0 < sparsity < 1:
         raise UserError(f"--sparsity {sparsity}: must be strictly between 0 and 1")
-    return PruneConfig(method, sparsity, pat, targets, blocksize, percdamp, batch_size)
+    return PruneConfig(method, sparsity, pat, targets, blocksize, percdamp, batch_size, error_tokens)
 
 
-def _windows_and_stats(calib: str | None, stats: str | None, lm: Any, calib_args: dict) -> tuple:
+def _windows_and_stats(calib: str | None, stats: str | None, sequential: bool, lm: Any, calib_args: dict) -> tuple:
     """(windows or None, one-shot statistics or None, description of the calibration for the report)."""
     from rechannel.cli.artifacts import load_artifact
     from rechannel.cli.calibrate import load_texts
@@ -40,10 +40,12 @@ def _windows_and_stats(calib: str | None, stats: str | None, lm: Any, calib_args
         windows = draw_windows(texts, lm.tokenizer, calib_args["samples"], calib_args["seqlen"], calib_args["seed"])
         return windows, None, {"source": calib, **calib_args}
     if stats:
-        tensors, meta = load_artifact(stats, kind="calibration-stats", fingerprint=lm.fingerprint, model=lm.spec)
+        names = ["windows"] if sequential else None  # the sequential protocol needs only the windows
+        tensors, meta = load_artifact(stats, kind="calibration-stats", fingerprint=lm.fingerprint, model=lm.spec,
+                                      names=names)
         windows = tensors.pop("windows").long()
         desc = {"source": stats, **{k: meta["args"].get(k) for k in ("data", "docs", "samples", "seqlen", "seed")}}
-        return windows, stats_from_tensors(tensors, meta["tokens"]), desc
+        return windows, None if sequential else stats_from_tensors(tensors, meta["tokens"]), desc
     return None, None, None
 
 
@@ -76,7 +78,8 @@ def compress_command(
     targets: Targets = r"(self_attn|mlp)\.",
     blocksize: Annotated[int, typer.Option(min=1, help="SparseGPT: columns per block.")] = 128,
     percdamp: Annotated[float, typer.Option(min=0.0, help="SparseGPT: damping, a fraction of mean diag(H).")] = 0.01,
-    batch_size: BatchSize = 8,
+    batch_size: BatchSize = 1,
+    error_tokens: Annotated[int, typer.Option(min=1, help="Calibration tokens each layer's output error is measured on.")] = 4096,
     model: options.Model = "smollm2-135m",
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -99,7 +102,7 @@ def compress_command(
     from rechannel.ops.models import load_model, save_model
 
     t0 = time.perf_counter()
-    cfg = _config(method, sparsity, pattern, targets, blocksize, percdamp, batch_size)
+    cfg = _config(method, sparsity, pattern, targets, blocksize, percdamp, batch_size, error_tokens)
     if calib and stats:
         raise UserError("give --calib or --stats, not both")
     if method != "magnitude" and not (calib or stats):
@@ -107,10 +110,11 @@ def compress_command(
     tame_libraries()
     lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     calib_args = {"field": field, "docs": docs, "samples": samples, "seqlen": seqlen, "seed": seed}
-    windows, one_shot_stats, calib_desc = _windows_and_stats(calib, stats, lm, calib_args)
+    windows, one_shot_stats, calib_desc = _windows_and_stats(calib, stats, sequential, lm, calib_args)
     run_sequential = calib is not None or (stats is not None and sequential)
     if one_shot_stats is not None and not run_sequential:
         _check_stats(one_shot_stats, lm, cfg, stats)
+    t_prune = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(f"{method} {cfg.pattern}", total=len(decoder_blocks(lm.model)))
         tick = lambda i: bar.advance(task)  # noqa: E731
@@ -123,8 +127,12 @@ def compress_command(
              "calibration": calib_desc, "source": {"model": model, "fingerprint": lm.fingerprint}}
     if method == "sparsegpt":
         entry.update(blocksize=blocksize, percdamp=percdamp)
+    t_save = time.perf_counter()
     save_model(lm.model, lm.tokenizer, output, entry)
-    doc = {"output": output, **entry, "totals": report.totals(), "seconds": round(time.perf_counter() - t0, 2),
+    end = time.perf_counter()
+    timing = {"load": round(t_prune - t0, 2), "prune": round(t_save - t_prune, 2), "save": round(end - t_save, 2)}
+    totals = {**report.totals(), "error_tokens": min(error_tokens, windows.numel()) if run_sequential else None}
+    doc = {"output": output, **entry, "totals": totals, "seconds": round(end - t0, 2), "timing": timing,
            "layers": [vars(r) for r in report.layers]}
     with JsonlWriter(STDIO) as out:
         out.write(doc)

@@ -3,8 +3,8 @@
 Sequential (the reference protocol for Wanda and SparseGPT): for each block, collect the statistics of its
 Linear inputs from the outputs of the already-pruned blocks before it, prune every target layer, then run
 the pruned block again to produce the next block's inputs, measuring each layer's relative output error
-||WX - W'X|| / ||WX|| on the inputs it sees there. One-shot: prune every layer from dense statistics
-(a `calibrate` file); the error then comes from H when the file has it (tr(dW H dW^T) / tr(W H W^T)).
+||WX - W'X|| / ||WX|| on the inputs it sees there (the first `error_tokens` of them). One-shot: prune
+every layer from dense statistics (a `calibrate` file); the error then comes from H when the file has it (tr(dW H dW^T) / tr(W H W^T)).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class PruneConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     batch_size: int = 8
+    error_tokens: int = 4096  # calibration tokens the relative output error is measured on (the first ones)
 
 
 @dataclass
@@ -82,17 +83,23 @@ def prune_layer(layer: nn.Linear, stats: LayerStats | None, cfg: PruneConfig, na
 
 
 class _ErrorMeter:
-    """A forward hook accumulating ||Wx - W'x||^2 and ||Wx||^2, W the dense weight, W'x the layer's output."""
+    """A forward hook accumulating ||Wx - W'x||^2 and ||Wx||^2 (W dense, W'x the layer's own output) over
+    the first `budget` calibration tokens: the extra dense matmul then costs a fixed amount, not a pass."""
 
-    def __init__(self, dense: torch.Tensor) -> None:
+    def __init__(self, dense: torch.Tensor, budget: int) -> None:
         self.dense = dense
+        self.left = budget
         self.num = 0.0
         self.den = 0.0
 
     def __call__(self, module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
-        x = args[0]  # (..., C)
-        ref = nn.functional.linear(x, self.dense, module.bias).float()  # (..., R)
-        self.num += (ref - output.float()).pow(2).sum().item()
+        if self.left <= 0:
+            return
+        x = args[0].reshape(-1, args[0].shape[-1])[: self.left]  # (tokens, C)
+        y = output.reshape(-1, output.shape[-1])[: self.left].float()  # (tokens, R)
+        self.left -= x.shape[0]
+        ref = nn.functional.linear(x, self.dense, module.bias).float()
+        self.num += (ref - y).pow(2).sum().item()
         self.den += ref.pow(2).sum().item()
 
     def value(self) -> float:
@@ -100,8 +107,8 @@ class _ErrorMeter:
 
 
 def _run_measuring(block: nn.Module, inputs: BlockInputs, dense: dict[str, torch.Tensor],
-                   layers: dict[str, nn.Linear]) -> tuple[BlockInputs, dict[str, float]]:
-    meters = {n: _ErrorMeter(dense[n]) for n in layers}
+                   layers: dict[str, nn.Linear], budget: int) -> tuple[BlockInputs, dict[str, float]]:
+    meters = {n: _ErrorMeter(dense[n], budget) for n in layers}
     handles = [layers[n].register_forward_hook(meters[n]) for n in layers]
     try:
         outputs = run_block(block, inputs)
@@ -122,7 +129,7 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor, cfg: PruneConfig,
         dense = {n: layer.weight.data.clone() for n, layer in layers.items()}
         reports = {n: prune_layer(layer, stats[n], cfg, f"layers.{i}.{n}") for n, layer in layers.items()}
         del stats
-        inputs, errors = _run_measuring(block, inputs, dense, layers)
+        inputs, errors = _run_measuring(block, inputs, dense, layers, cfg.error_tokens)
         for n, r in reports.items():
             r.rel_error = errors[n]
             report.layers.append(r)

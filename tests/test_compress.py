@@ -86,7 +86,7 @@ def _compress(tiny_model, out, *args):
 
 def test_stats_sequential_reuses_the_stored_windows(tiny_model, docs_file, stats_h, tmp_path):
     a = _compress(tiny_model, tmp_path / "a", "--method", "sparsegpt", "--calib", str(docs_file),
-                  "--samples", "6", "--seqlen", "32", "--batch-size", "8")
+                  "--samples", "6", "--seqlen", "32")
     b = _compress(tiny_model, tmp_path / "b", "--method", "sparsegpt", "--stats", str(stats_h), "--sequential")
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

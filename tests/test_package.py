@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-COMMANDS = [[], ["models"], ["models", "prepare"], ["inspect"], ["generate"]]
+COMMANDS = [[], ["models"], ["models", "prepare"], ["inspect"], ["generate"], ["calibrate"], ["compress"], ["eval"],
+            ["table"]]
 
 
 def test_wheel_installs_only_the_rechannel_package(tmp_path):
@@ -81,7 +82,7 @@ def test_help_starts_with_real_examples_and_matches_its_snapshot(args):
     examples = [line.strip() for line in text.split("Examples", 1)[1].split("╭")[0].splitlines()
                 if line.strip().startswith("rechannel ") or "| rechannel" in line]
     assert examples, "every --help shows examples"
-    commands = {"models", "inspect", "generate"}
+    commands = {c[0] for c in COMMANDS if c}
     for ex in examples:
         for part in re.findall(r"rechannel (\S+)", ex):
             assert part in commands, f"example uses an unknown command: {ex}"
