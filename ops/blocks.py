@@ -17,8 +17,8 @@ from torch import nn
 from rechannel.ops.errors import UserError
 
 
-class _Stop(Exception):
-    pass
+class StopForward(Exception):
+    """Raised from a hook to end a forward early once everything needed from it has been seen."""
 
 
 class _Catcher(nn.Module):
@@ -32,7 +32,7 @@ class _Catcher(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.hidden, self.kwargs = hidden_states, kwargs
-        raise _Stop
+        raise StopForward
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -77,7 +77,7 @@ def capture_first_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
         for batch in _batches(windows, batch_size):
             try:
                 model(batch.to(device), use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
             hidden.append(catcher.hidden)
             kwargs.append({k: v for k, v in catcher.kwargs.items() if k not in ("past_key_values", "cache")})
@@ -95,3 +95,13 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     """The block's outputs for every batch: the next block's inputs."""
     return BlockInputs([_output(block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True)],
                        inputs.kwargs)
+
+
+@torch.inference_mode()
+def feed_block(block: nn.Module, inputs: BlockInputs) -> None:
+    """Run the block on every batch for its hooks' sake only; a hook may end a batch with StopForward."""
+    for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
+        try:
+            block(h, **kw)
+        except StopForward:
+            pass

@@ -21,7 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from rechannel.ops.blocks import BlockInputs, capture_first_inputs, decoder_blocks, linear_layers, run_block
+from rechannel.ops.blocks import (
+    BlockInputs,
+    StopForward,
+    capture_first_inputs,
+    decoder_blocks,
+    feed_block,
+    linear_layers,
+    run_block,
+)
 from rechannel.ops.errors import UserError
 
 
@@ -90,15 +98,25 @@ def select_targets(block: nn.Module, pattern: str) -> dict[str, nn.Linear]:
     return chosen
 
 
-def collect_block_stats(block: nn.Module, inputs: BlockInputs, targets: dict[str, nn.Linear],
-                        hessian: bool) -> tuple[dict[str, LayerStats], BlockInputs]:
+def collect_block_stats(block: nn.Module, inputs: BlockInputs, targets: dict[str, nn.Linear], hessian: bool,
+                        need_outputs: bool = True) -> tuple[dict[str, LayerStats], BlockInputs | None]:
     """Statistics of each target's inputs while `block` runs on `inputs` (one pass, by forward hooks),
-    and the block's outputs from that same pass."""
+    and the block's outputs from that same pass. Without `need_outputs` (the sequential protocol discards
+    them) each batch stops as soon as the last target has seen its input, which skips e.g. down_proj."""
     stats = {name: new_stats(layer, hessian) for name, layer in targets.items()}
-    handles = [layer.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.add(args[0]))
+    seen: set[str] = set()
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        stats[name].add(x)
+        seen.add(name)
+        if not need_outputs and len(seen) == len(targets):
+            seen.clear()
+            raise StopForward
+
+    handles = [layer.register_forward_pre_hook(lambda mod, args, n=name: hook(n, args[0]))
                for name, layer in targets.items()]
     try:
-        outputs = run_block(block, inputs)
+        outputs = run_block(block, inputs) if need_outputs else feed_block(block, inputs)
     finally:
         for h in handles:
             h.remove()

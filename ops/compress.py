@@ -125,7 +125,7 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor, cfg: PruneConfig,
     report = PruneReport()
     for i, block in enumerate(decoder_blocks(model)):
         layers = select_targets(block, cfg.targets)
-        stats, _ = collect_block_stats(block, inputs, layers, needs_hessian(cfg.method))
+        stats, _ = collect_block_stats(block, inputs, layers, needs_hessian(cfg.method), need_outputs=False)
         dense = {n: layer.weight.data.clone() for n, layer in layers.items()}
         reports = {n: prune_layer(layer, stats[n], cfg, f"layers.{i}.{n}") for n, layer in layers.items()}
         del stats
