@@ -45,8 +45,9 @@ def window_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     for s in range(0, ids.shape[1] - 1, HEAD_CHUNK):
         e = min(s + HEAD_CHUNK, ids.shape[1] - 1)
         logits = head(hidden[:, s:e]).float()  # (B, chunk, V)
-        nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, s + 1:e + 1], reduction="none")
-        total += nll.sum(1)
+        targets = ids[:, s + 1:e + 1]  # (B, chunk)
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        total += nll.view(targets.shape).sum(1)
     return total / (ids.shape[1] - 1)
 
 
