@@ -73,6 +73,11 @@ class LayerStats:
         """H = (2/n) sum x x^T."""
         return self.hessian if self.scaled else self.hessian * (2.0 / max(self.tokens, 1))
 
+    def cpu(self) -> LayerStats:
+        """The same statistics in host memory (a 7B model's Hessians would not all fit on the GPU)."""
+        h = self.hessian.cpu() if self.hessian is not None else None
+        return LayerStats(self.sumsq.cpu(), self.tokens, h, self.scaled)
+
     def norms(self) -> torch.Tensor:
         """Wanda's per-input-channel ||X_j||_2 (float32)."""
         return self.sumsq.sqrt().float()
@@ -136,7 +141,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: str, hessian: bo
     result = CalibrationResult(tokens=windows.numel())
     for i, block in enumerate(decoder_blocks(model)):
         stats, inputs = collect_block_stats(block, inputs, select_targets(block, targets), hessian)
-        result.stats.update({f"layers.{i}.{name}": s for name, s in stats.items()})
+        result.stats.update({f"layers.{i}.{name}": s.cpu() for name, s in stats.items()})
         if on_block:
             on_block(i)
     return result

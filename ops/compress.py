@@ -70,12 +70,12 @@ def prune_layer(layer: nn.Linear, stats: LayerStats | None, cfg: PruneConfig, na
     check_pattern(cfg.pattern, w.shape[1], name)
     damping = None
     if cfg.method == "sparsegpt":
-        new_w, mask, obs = sparsegpt(w, stats.scaled_hessian(), cfg.sparsity, cfg.pattern, cfg.blocksize,
-                                     cfg.percdamp)
+        new_w, mask, obs = sparsegpt(w, stats.scaled_hessian().to(w.device), cfg.sparsity, cfg.pattern,
+                                     cfg.blocksize, cfg.percdamp)
         w.copy_(new_w.to(w.dtype))
         damping = obs.damping
     else:
-        scale = stats.norms() if cfg.method == "wanda" else None
+        scale = stats.norms().to(w.device) if cfg.method == "wanda" else None
         mask = select_mask(w, scale, cfg.sparsity, cfg.pattern)
         w.masked_fill_(mask, 0)
     achieved = (w == 0).float().mean().item()
@@ -158,7 +158,7 @@ def prune_one_shot(model: nn.Module, stats: dict[str, LayerStats], cfg: PruneCon
             dense = layer.weight.data.clone() if s is not None and s.hessian is not None else None
             r = prune_layer(layer, s, cfg, key)
             if dense is not None:
-                r.rel_error = hessian_error(dense, layer.weight.data, s.scaled_hessian())
+                r.rel_error = hessian_error(dense, layer.weight.data, s.scaled_hessian().to(dense.device))
             report.layers.append(r)
         if on_block:
             on_block(i)
