@@ -73,24 +73,23 @@ def calibrate_command(
     The output holds the token windows (so compress reuses exactly these samples), each Linear's per-input-channel sums of squares, and with --hessian its H. Stdout: one JSON summary line.
     """
     from rechannel.cli.artifacts import Provenance, save_artifact
-    from rechannel.cli.console import progress, tame_libraries
+    from rechannel.cli.console import progress
     from rechannel.cli.jsonl import STDIO, JsonlWriter
     from rechannel.ops.blocks import decoder_blocks
     from rechannel.ops.calibration import calibrate, draw_windows, stats_to_tensors
-    from rechannel.ops.models import load_model
 
     t0 = time.perf_counter()
     texts = load_texts(data, field, docs)
-    tame_libraries()
-    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    lm = options.load(model, device, dtype, trust_remote_code)
     windows = draw_windows(texts, lm.tokenizer, samples, seqlen, seed)
     with progress() as bar:
         task = bar.add_task("calibrating", total=len(decoder_blocks(lm.model)))
         result = calibrate(lm.model, windows, targets, hessian, batch_size, on_block=lambda i: bar.advance(task))
     args = {"data": data, "field": field, "docs": docs, "samples": samples, "seqlen": seqlen, "seed": seed,
             "targets": targets, "hessian": hessian}
-    save_artifact(output, stats_to_tensors(result, windows),
-                  Provenance("calibration-stats", model, lm.fingerprint, args, {"tokens": result.tokens}))
+    tensors, aliases = stats_to_tensors(result, windows)
+    save_artifact(output, tensors, Provenance("calibration-stats", model, lm.fingerprint, args,
+                                              {"tokens": result.tokens, "aliases": aliases}))
     summary = {"output": output, "model": model, "fingerprint": lm.fingerprint, "windows": samples,
                "seqlen": seqlen, "tokens": result.tokens, "layers": len(result.stats), "hessian": hessian,
                "seconds": round(time.perf_counter() - t0, 2)}

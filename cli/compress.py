@@ -45,7 +45,8 @@ def _windows_and_stats(calib: str | None, stats: str | None, sequential: bool, l
                                       names=names)
         windows = tensors.pop("windows").long()
         desc = {"source": stats, **{k: meta["args"].get(k) for k in ("data", "docs", "samples", "seqlen", "seed")}}
-        return windows, None if sequential else stats_from_tensors(tensors, meta["tokens"]), desc
+        one_shot = None if sequential else stats_from_tensors(tensors, meta["tokens"], meta.get("aliases"))
+        return windows, one_shot, desc
     return None, None, None
 
 
@@ -95,11 +96,11 @@ def compress_command(
 
     wanda and sparsegpt use the reference sequential protocol with --calib (or --stats --sequential): each block is calibrated on the outputs of the already-pruned blocks before it. --stats alone prunes one-shot from dense statistics. Embeddings and lm_head are never pruned.
     """
-    from rechannel.cli.console import progress, tame_libraries
+    from rechannel.cli.console import progress
     from rechannel.cli.jsonl import STDIO, JsonlWriter
     from rechannel.ops.blocks import decoder_blocks
     from rechannel.ops.compress import prune_one_shot, prune_sequential
-    from rechannel.ops.models import load_model, save_model
+    from rechannel.ops.models import save_model
 
     t0 = time.perf_counter()
     cfg = _config(method, sparsity, pattern, targets, blocksize, percdamp, batch_size, error_tokens)
@@ -107,8 +108,7 @@ def compress_command(
         raise UserError("give --calib or --stats, not both")
     if method != "magnitude" and not (calib or stats):
         raise UserError(f"--method {method} needs calibration data: --calib FILE.jsonl or --stats FILE.safetensors")
-    tame_libraries()
-    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    lm = options.load(model, device, dtype, trust_remote_code)
     calib_args = {"field": field, "docs": docs, "samples": samples, "seqlen": seqlen, "seed": seed}
     windows, one_shot_stats, calib_desc = _windows_and_stats(calib, stats, sequential, lm, calib_args)
     run_sequential = calib is not None or (stats is not None and sequential)

@@ -45,16 +45,14 @@ def eval_command(
     Perplexity is exp(mean window NLL) over non-overlapping windows of --seqlen tokens, as GPTQ, SparseGPT and Wanda compute it; the window length and the text joining are recorded with each number.
     """
     from rechannel import __version__
-    from rechannel.cli.console import progress, tame_libraries
+    from rechannel.cli.console import progress
     from rechannel.cli.jsonl import STDIO, JsonlWriter, write_json
-    from rechannel.ops.models import load_model
     from rechannel.ops.perplexity import perplexity
     from rechannel.ops.tasks import get_tasks
 
     chosen = get_tasks(tasks)
     paths = {t.name: t.path(data_dir) for t in chosen}
-    tame_libraries()
-    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    lm = options.load(model, device, dtype, trust_remote_code)
     results: dict[str, Any] = {}
     with JsonlWriter(STDIO) as out, progress() as bar:
         for task in chosen:

@@ -47,15 +47,12 @@ def generate_command(
       echo '{"id": 7, "prompt": "2 + 2 ="}' | rechannel generate | jq -r .completion
       rechannel generate -i questions.jsonl --field question --stop $'\\n' -o answers.jsonl
     """
-    from rechannel.cli.console import tame_libraries
     from rechannel.cli.jsonl import JsonlWriter
     from rechannel.ops.generate import GenerateConfig, complete
-    from rechannel.ops.models import load_model
 
     records = _inputs(prompts or [], input, field)
     cfg = GenerateConfig(max_new_tokens, temperature, seed, batch_size, tuple(stop or ()))
-    tame_libraries()
-    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    lm = options.load(model, device, dtype, trust_remote_code)
     texts = [r[field] for r in records]
     with JsonlWriter(output) as out:
         for rec, (text, n) in zip(records, complete(lm.model, lm.tokenizer, texts, cfg), strict=True):

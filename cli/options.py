@@ -14,3 +14,12 @@ Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with the model.",
                                                 rich_help_panel="Model")]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout instead of a table.")]
+
+
+def load(model: str, device: str, dtype: str, trust_remote_code: bool):  # -> rechannel.ops.models.LoadedModel
+    """The model the shared options name, with the libraries' own logging tamed first."""
+    from rechannel.cli.console import tame_libraries
+    from rechannel.ops.models import load_model
+
+    tame_libraries()
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

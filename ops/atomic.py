@@ -16,6 +16,12 @@ from pathlib import Path
 from typing import IO
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -54,6 +60,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         if tmp.is_dir():
             _replace_dir(tmp, target)
         else:
+            os.chmod(tmp, 0o666 & ~_umask())  # some writers (safetensors) create files owner-only
             os.replace(tmp, target)
     except BaseException:
         _remove(tmp)

@@ -103,29 +103,48 @@ def select_targets(block: nn.Module, pattern: str) -> dict[str, nn.Linear]:
     return chosen
 
 
+class _InputRecorder:
+    """Forward pre-hooks feeding each target's inputs into its statistics.
+
+    Layers that receive the very same input tensor in a forward (q/k/v, gate/up) share one LayerStats:
+    accumulated once, stored once. The inputs of the current batch are held until every target has seen
+    its own, so that the identity test cannot be fooled by a freed tensor's reused memory.
+    """
+
+    def __init__(self, targets: dict[str, nn.Linear], hessian: bool, stop_when_done: bool) -> None:
+        self.targets = targets
+        self.hessian = hessian
+        self.stop_when_done = stop_when_done
+        self.stats: dict[str, LayerStats] = {}
+        self.batch: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        same = next((n for n, seen in self.batch.items() if seen is x), None)
+        self.batch[name] = x
+        if name not in self.stats:
+            self.stats[name] = self.stats[same] if same is not None else new_stats(self.targets[name], self.hessian)
+        if same is None or self.stats[same] is not self.stats[name]:
+            self.stats[name].add(x)
+        if len(self.batch) == len(self.targets):
+            self.batch.clear()
+            if self.stop_when_done:
+                raise StopForward
+
+
 def collect_block_stats(block: nn.Module, inputs: BlockInputs, targets: dict[str, nn.Linear], hessian: bool,
                         need_outputs: bool = True) -> tuple[dict[str, LayerStats], BlockInputs | None]:
     """Statistics of each target's inputs while `block` runs on `inputs` (one pass, by forward hooks),
     and the block's outputs from that same pass. Without `need_outputs` (the sequential protocol discards
     them) each batch stops as soon as the last target has seen its input, which skips e.g. down_proj."""
-    stats = {name: new_stats(layer, hessian) for name, layer in targets.items()}
-    seen: set[str] = set()
-
-    def hook(name: str, x: torch.Tensor) -> None:
-        stats[name].add(x)
-        seen.add(name)
-        if not need_outputs and len(seen) == len(targets):
-            seen.clear()
-            raise StopForward
-
-    handles = [layer.register_forward_pre_hook(lambda mod, args, n=name: hook(n, args[0]))
+    recorder = _InputRecorder(targets, hessian, stop_when_done=not need_outputs)
+    handles = [layer.register_forward_pre_hook(lambda mod, args, n=name: recorder(n, args[0]))
                for name, layer in targets.items()]
     try:
         outputs = run_block(block, inputs) if need_outputs else feed_block(block, inputs)
     finally:
         for h in handles:
             h.remove()
-    return stats, outputs
+    return recorder.stats, outputs
 
 
 @dataclass
@@ -141,24 +160,37 @@ def calibrate(model: nn.Module, windows: torch.Tensor, targets: str, hessian: bo
     result = CalibrationResult(tokens=windows.numel())
     for i, block in enumerate(decoder_blocks(model)):
         stats, inputs = collect_block_stats(block, inputs, select_targets(block, targets), hessian)
-        result.stats.update({f"layers.{i}.{name}": s.cpu() for name, s in stats.items()})
+        on_host: dict[int, LayerStats] = {}  # keep layers that share inputs sharing their statistics
+        for name, st in stats.items():
+            result.stats[f"layers.{i}.{name}"] = on_host.setdefault(id(st), st.cpu())
         if on_block:
             on_block(i)
     return result
 
 
-def stats_to_tensors(result: CalibrationResult, windows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The tensors of a calibration-stats file: the windows, and per layer sumsq (and H, scaled)."""
+def stats_to_tensors(result: CalibrationResult, windows: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a calibration-stats file (the windows, per layer sumsq and H, scaled), and the
+    aliases: layers that share their input's statistics with an earlier layer, stored once under it."""
     out = {"windows": windows.to(torch.int32)}
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
     for key, s in result.stats.items():
+        if id(s) in first:
+            aliases[key] = first[id(s)]
+            continue
+        first[id(s)] = key
         out[f"{key}.sumsq"] = s.sumsq.cpu()
         if s.hessian is not None:
             out[f"{key}.hessian"] = s.scaled_hessian().cpu()
-    return out
+    return out, aliases
 
 
-def stats_from_tensors(tensors: dict[str, torch.Tensor], tokens: int) -> dict[str, LayerStats]:
+def stats_from_tensors(tensors: dict[str, torch.Tensor], tokens: int,
+                       aliases: dict[str, str] | None = None) -> dict[str, LayerStats]:
     """Inverse of `stats_to_tensors` (without the windows)."""
     keys = [k[: -len(".sumsq")] for k in tensors if k.endswith(".sumsq")]
-    return {k: LayerStats(tensors[f"{k}.sumsq"].double(), tokens, tensors.get(f"{k}.hessian"), scaled=True)
-            for k in keys}
+    stats = {k: LayerStats(tensors[f"{k}.sumsq"].double(), tokens, tensors.get(f"{k}.hessian"), scaled=True)
+             for k in keys}
+    for key, source in (aliases or {}).items():
+        stats[key] = stats[source]
+    return stats

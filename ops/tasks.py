@@ -31,8 +31,6 @@ class PerplexityTask:
     read: Callable[[str], str]
     joining: str  # how the text is assembled, recorded with every result
 
-    kind = "ppl"
-
     def path(self, data_dir: str | Path) -> Path:
         p = Path(data_dir) / self.file
         if not p.is_file():

@@ -47,3 +47,16 @@ def test_directory_output_interrupted_leaves_the_old_one(tmp_path):
         raise KeyboardInterrupt
     assert (target / "config.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    target = tmp_path / "a.bin"
+    with atomic_path(target) as tmp:
+        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)  # as safetensors creates them
+        os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask

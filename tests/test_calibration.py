@@ -78,3 +78,25 @@ def test_targets_choose_layers_and_a_bad_regex_is_refused(tiny):
         calibrate(tiny.model, windows, "nothing_here", hessian=False)
     with pytest.raises(UserError, match="not a valid regular expression"):
         calibrate(tiny.model, windows, "(", hessian=False)
+
+
+def test_layers_fed_the_same_input_share_statistics_stored_once(tiny):
+    from rechannel.ops.calibration import stats_from_tensors, stats_to_tensors
+
+    windows = draw_windows(make_docs(), tiny.tokenizer, 3, 32, 0)
+    result = calibrate(tiny.model, windows, r"(self_attn|mlp)\.", hessian=True)
+    st = result.stats
+    for i in (0, 1):
+        assert st[f"layers.{i}.self_attn.q_proj"] is st[f"layers.{i}.self_attn.k_proj"] is st[f"layers.{i}.self_attn.v_proj"]
+        assert st[f"layers.{i}.mlp.gate_proj"] is st[f"layers.{i}.mlp.up_proj"]
+        assert st[f"layers.{i}.self_attn.o_proj"] is not st[f"layers.{i}.self_attn.q_proj"]
+        assert st[f"layers.{i}.mlp.down_proj"] is not st[f"layers.{i}.mlp.up_proj"]
+        assert st[f"layers.{i}.self_attn.q_proj"].tokens == windows.numel()  # counted once, not three times
+    tensors, aliases = stats_to_tensors(result, windows)
+    assert aliases["layers.0.self_attn.v_proj"] == "layers.0.self_attn.q_proj"
+    assert "layers.0.self_attn.k_proj.hessian" not in tensors and len(aliases) == 6
+    back = stats_from_tensors(tensors, result.tokens, aliases)
+    assert set(back) == set(st)
+    for key in st:
+        torch.testing.assert_close(back[key].scaled_hessian(), st[key].scaled_hessian())
+        torch.testing.assert_close(back[key].sumsq, st[key].sumsq)
