@@ -36,8 +36,8 @@ def parse_range(text: str) -> slice:
 
 def load_texts(data: str, field: str, docs: str) -> list[str]:
     """The texts of `data` (JSONL) in the range `docs`; every record checked before any work starts."""
-    from rechannel.cli.jsonl import read_jsonl
     from rechannel.ops.errors import UserError
+    from rechannel.ops.records import read_jsonl
 
     records = read_jsonl(data, require=(field,))
     texts = [r.field(field, str) for r in records][parse_range(docs)]

@@ -1,4 +1,4 @@
-"""`rechannel eval`: measure a model on the registered tasks (perplexity today)."""
+"""`rechannel eval`: knowledge tasks and perplexity, in lm-evaluation-harness's result layout."""
 
 from __future__ import annotations
 
@@ -9,77 +9,214 @@ from typing import Annotated, Any
 import typer
 
 from rechannel.cli import options
+from rechannel.ops.errors import UserError
+
+AUTO_START = {"cuda": 64, "cpu": 16}  # --batch-size auto: first try (halved on out-of-memory on a GPU)
 
 
-def _stderr(ppl: float, nlls: list[float]) -> float | None:
+def _ppl_stderr(ppl: float, nlls: list[float]) -> float | None:
     """Standard error of the perplexity by the delta method over windows: ppl * sd(nll) / sqrt(n)."""
-    n = len(nlls)
-    if n < 2:
+    from rechannel.ops.metrics import mean_stderr
+
+    se = mean_stderr(nlls)
+    return None if se is None else ppl * se
+
+
+def _parse_batch_size(text: str) -> int | None:
+    """An int, or None for auto."""
+    if text == "auto":
         return None
-    mean = sum(nlls) / n
-    var = sum((x - mean) ** 2 for x in nlls) / (n - 1)
-    return ppl * (var / n) ** 0.5
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise UserError(f"--batch-size {text!r}: give a positive integer or 'auto'")
+
+
+def _with_batch_size(run, requested: int | None, device: str):
+    """Run `run(batch_size)`; with auto, halve the batch on a GPU out-of-memory error and try again
+    (batches go longest first, so an oversized batch fails at once). Returns (result, batch size used)."""
+    import torch
+
+    size = requested or AUTO_START["cuda" if device.startswith("cuda") else "cpu"]
+    while True:
+        try:
+            return run(size), size
+        except torch.cuda.OutOfMemoryError:
+            if requested is not None or size == 1:
+                raise UserError(f"out of GPU memory at --batch-size {size}; try a smaller one") from None
+            torch.cuda.empty_cache()
+            size //= 2
+
+
+def _conditioning(lm: Any, prompts: str | None, route: str) -> tuple[Any, dict[str, Any] | None]:
+    """The soft-prompt bank and route, and what they cost in parameters."""
+    from rechannel.cli.artifacts import load_artifact
+    from rechannel.cli.console import warn
+    from rechannel.ops.evaluate import Conditioning
+    from rechannel.ops.prompts import BANK_KIND, check_bank, parse_route, router
+
+    r = parse_route(route)
+    if prompts is None:
+        if r.kind != "none":
+            raise UserError(f"--route {route} needs a prompt bank: --prompts BANK.safetensors")
+        return Conditioning(), None
+    tensors, meta = load_artifact(prompts, kind=BANK_KIND, names=["prompts"])
+    bank = tensors["prompts"]
+    check_bank(bank, lm.model.get_input_embeddings().weight.shape[1], r, prompts)
+    if meta.get("source", {}).get("fingerprint") != lm.fingerprint:
+        warn(f"{prompts} was trained on {meta.get('source', {}).get('model')!r}, not on this model; "
+             "the embedding space is shared by a model and its compressed versions")
+    if r.kind == "none":
+        return Conditioning(), {"path": prompts, "route": "none", "parameters": 0}
+    info = {"path": prompts, "route": str(r), "prompts": bank.shape[0], "length": bank.shape[1],
+            "parameters": bank.numel()}
+    return Conditioning(bank, router(r)), info
+
+
+def _run_ppl(lm: Any, task: Any, text: str, seqlen: int, stride: int | None, limit: int | None, batch_size: int,
+             out: Any, advance) -> tuple[dict[str, Any], int]:
+    from rechannel.ops.perplexity import perplexity, sliding_perplexity
+
+    t0 = time.perf_counter()
+    stream = lm.tokenizer(text, return_tensors="pt").input_ids[0]
+    nlls: list[float] = []
+
+    def record(batch_nll):
+        for v in batch_nll.tolist():
+            out.write({"task": task.name, "window": len(nlls), "nll": v})
+            nlls.append(v)
+        advance(len(batch_nll))
+
+    if stride:
+        res = sliding_perplexity(lm.model, stream, seqlen, stride, limit, on_windows=record)
+    else:
+        res = perplexity(lm.model, stream, seqlen, limit, batch_size, on_windows=record)
+    seconds = time.perf_counter() - t0
+    return {"ppl,none": res.perplexity, "ppl_stderr,none": None if stride else _ppl_stderr(res.perplexity, nlls),
+            "nll,none": res.mean_nll, "windows": res.windows, "seqlen": seqlen, "stride": stride,
+            "tokens_scored": res.tokens_scored, "text_tokens": stream.numel(), "seconds": round(seconds, 2),
+            "tokens_per_s": round(res.tokens_scored / seconds, 1)}, stream.numel() // seqlen
+
+
+def _run_examples(lm: Any, task: Any, examples: list, batch_size: int, cond: Any, out: Any, advance) -> dict[str, Any]:
+    from rechannel.ops.evaluate import run_choice_task, run_qa_task
+
+    if task.kind == "qa":
+        run = run_qa_task(lm.model, lm.tokenizer, task.name, examples, batch_size, cond, advance)
+    else:
+        run = run_choice_task(lm.model, lm.tokenizer, task.name, task.kind, examples, batch_size, cond, advance)
+    out.write_all(run.records)
+    n = len(run.records)
+    return {**run.metrics, "samples": n, "seconds": round(run.seconds, 2),
+            "examples_per_s": round(n / run.seconds, 2), "tokens_per_s": round(run.tokens / run.seconds, 1),
+            "seconds_per_example": round(run.seconds / n, 4)}
+
+
+def _summary(results: dict[str, Any]) -> None:
+    """The results as a table on stderr, for the person watching."""
+    from rich.table import Table
+
+    from rechannel.cli.console import console
+
+    t = Table(title="eval")
+    for col, justify in (("task", "left"), ("metric", "left"), ("value", "right"), ("± stderr", "right"),
+                         ("n", "right"), ("examples/s", "right")):
+        t.add_column(col, justify=justify)
+    for task, res in results.items():
+        for key, value in res.items():
+            if not key.endswith(",none") or "_stderr" in key or key == "nll,none":
+                continue
+            name = key.split(",")[0]
+            se = res.get(f"{name}_stderr,none")
+            t.add_row(task, name, f"{value:.4f}", "" if se is None else f"{se:.4f}",
+                      str(res.get("samples", res.get("windows", ""))), str(res.get("examples_per_s", "")))
+    console().print(t)
 
 
 def eval_command(
-    tasks: Annotated[str, typer.Option(help="Comma-separated: wikitext2, c4.")] = "wikitext2",
+    tasks: Annotated[str | None, typer.Option(
+        help="Comma-separated: arc_easy, arc_challenge, boolq, piqa, openbookqa, winogrande, commonsenseqa, "
+             "lambada, triviaqa, wikitext2, c4. Default wikitext2 (none when --data is given).")] = None,
+    data: Annotated[str | None, typer.Option(help="Your own task file in the canonical schema of --kind.")] = None,
+    kind: Annotated[str, typer.Option(help="--data's kind: mc {id,context,choices,gold}, qa {id,question,answers}, "
+                                           "ppl {text}.")] = "mc",
     data_dir: Annotated[str, typer.Option(help="Where the benchmark files are ($RECHANNEL_DATA).")] =
         os.environ.get("RECHANNEL_DATA", "../shared/data"),
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N examples (windows for perplexity).")] = None,
+    batch_size: Annotated[str, typer.Option(help="Examples (or windows) per forward batch, or 'auto'.")] = "auto",
     seqlen: Annotated[int, typer.Option(min=2, help="Perplexity window length in tokens.")] = 2048,
-    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N windows per task.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward batch.")] = 1,
+    stride: Annotated[int | None, typer.Option(min=1, help="Perplexity: slide windows by this many tokens, scoring "
+                                                           "only new ones (default: non-overlapping).")] = None,
+    prompts: Annotated[str | None, typer.Option(help="A prompt bank (.safetensors): its soft prompt goes in front "
+                                                     "of every example.")] = None,
+    route: Annotated[str, typer.Option(help="Which prompt each example gets: fixed:K or none.")] = "none",
+    adapter: Annotated[str | None, typer.Option(help="A PEFT LoRA adapter directory, merged before evaluating.")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Results JSON (lm-evaluation-harness layout).")] = None,
     model: options.Model = "smollm2-135m",
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     trust_remote_code: options.TrustRemoteCode = False,
 ) -> None:
-    """Evaluate a model; per-window records on stdout, results (lm-evaluation-harness layout) to -o.
+    """Evaluate a model: one JSON record per example on stdout, results to -o, a summary on stderr.
 
     [bold]Examples[/bold]
 
-      rechannel eval --tasks wikitext2 --seqlen 2048 -o dense.json > windows.jsonl
-      rechannel eval --model out/wanda50 --tasks wikitext2,c4 --limit 40 -o wanda50.json
-      jq '.results.wikitext2["ppl,none"]' wanda50.json
+      rechannel eval --tasks arc_easy,boolq,piqa,winogrande --limit 500 -o dense.json > samples.jsonl
+      rechannel eval --model out/wanda50 --tasks wikitext2 --seqlen 2048 -o wanda50.json
+      rechannel eval --data my_mc.jsonl --kind mc -o mine.json
+      jq '.results.arc_easy["acc,none"]' dense.json
 
-    Perplexity is exp(mean window NLL) over non-overlapping windows of --seqlen tokens, as GPTQ, SparseGPT and Wanda compute it; the window length and the text joining are recorded with each number.
+    Multiple choice is scored by the log-likelihood of each choice after the context (acc, and acc_norm dividing by the choice's length), with the context computed once per example; templates follow lm-evaluation-harness. Perplexity is exp(mean window NLL) over non-overlapping windows of --seqlen tokens, as GPTQ, SparseGPT and Wanda compute it.
     """
     from rechannel import __version__
     from rechannel.cli.console import progress
     from rechannel.cli.jsonl import STDIO, JsonlWriter, write_json
-    from rechannel.ops.perplexity import perplexity
-    from rechannel.ops.tasks import get_tasks
+    from rechannel.ops.tasks import get_tasks, user_task
 
-    chosen = get_tasks(tasks)
-    paths = {t.name: t.path(data_dir) for t in chosen}
+    chosen = get_tasks(tasks or ("" if data else "wikitext2")) if tasks or not data else []
+    if data:
+        chosen.append(user_task(data, kind))
+    requested = _parse_batch_size(batch_size)
+    everything = {t.name: t.load(data_dir) for t in chosen}  # every input is read and checked before the model loads
     lm = options.load(model, device, dtype, trust_remote_code)
+    extra: dict[str, Any] = {}
+    if adapter:
+        from rechannel.ops.lora import merge_adapter
+
+        extra["adapter"] = vars(merge_adapter(lm.model, adapter))
+    cond, bank_info = _conditioning(lm, prompts, route)
+    if bank_info:
+        extra["prompts"] = bank_info
     results: dict[str, Any] = {}
+    n_samples: dict[str, Any] = {}
+    used_batch: dict[str, int] = {}
     with JsonlWriter(STDIO) as out, progress() as bar:
         for task in chosen:
-            t0 = time.perf_counter()
-            stream = lm.tokenizer(task.read(str(paths[task.name])), return_tensors="pt").input_ids[0]
-            n = min(stream.numel() // seqlen, limit or 10**9)
-            job = bar.add_task(task.name, total=n)
-            nlls: list[float] = []
+            job = bar.add_task(task.name, total=None)
+            data_in = everything[task.name]
 
-            def record(batch_nll, task=task, nlls=nlls, job=job):
-                for v in batch_nll.tolist():
-                    out.write({"task": task.name, "window": len(nlls), "nll": v, "tokens": seqlen - 1})
-                    nlls.append(v)
-                bar.advance(job, len(batch_nll))
+            def run(b, task=task, data_in=data_in, job=job):
+                advance = lambda n: bar.advance(job, n)  # noqa: E731
+                if task.kind == "ppl":
+                    return _run_ppl(lm, task, data_in, seqlen, stride, limit, b, out, advance)
+                return _run_examples(lm, task, data_in[:limit] if limit else data_in, b, cond, out, advance)
 
-            res = perplexity(lm.model, stream, seqlen, limit, batch_size, on_windows=record)
-            results[task.name] = {"alias": task.name, "ppl,none": res.perplexity,
-                                  "ppl_stderr,none": _stderr(res.perplexity, nlls), "nll,none": res.mean_nll,
-                                  "windows": res.windows, "seqlen": seqlen, "tokens_scored": res.tokens_scored,
-                                  "text_tokens": stream.numel(), "joining": task.joining,
-                                  "seconds": round(time.perf_counter() - t0, 2)}
-    doc = {"results": results,
-           "n-samples": {k: {"original": v["text_tokens"] // seqlen, "effective": v["windows"]} for k, v in results.items()},
+            res, used_batch[task.name] = _with_batch_size(run, requested, str(lm.model.device))
+            if task.kind == "ppl":
+                res, original = res
+                n_samples[task.name] = {"original": original, "effective": res["windows"]}
+            else:
+                n_samples[task.name] = {"original": len(data_in), "effective": res["samples"]}
+            results[task.name] = {"alias": task.name, **res}
+    doc = {"results": results, "n-samples": n_samples,
+           "configs": {t.name: {"task": t.name, "kind": t.kind, "files": list(t.files), "template": t.template,
+                                "num_fewshot": 0} for t in chosen},
            "config": {"model": model, "model_path": str(lm.path), "fingerprint": lm.fingerprint,
-                      "rechannel": __version__, "tasks": tasks, "data_dir": data_dir, "seqlen": seqlen,
-                      "limit": limit, "batch_size": batch_size, "device": str(lm.model.device),
+                      "rechannel": __version__, "tasks": [t.name for t in chosen], "data": data,
+                      "data_dir": data_dir, "limit": limit, "batch_size": batch_size, "batch_size_used": used_batch,
+                      "seqlen": seqlen, "stride": stride, "device": str(lm.model.device),
                       "dtype": str(lm.model.dtype).removeprefix("torch."),
-                      "compression": getattr(lm.model.config, "rechannel", None)}}
+                      "compression": getattr(lm.model.config, "rechannel", None), **extra,
+                      "extra_parameters": sum(v.get("parameters", 0) for v in extra.values())}}
+    _summary(results)
     if output:
         write_json(output, doc)

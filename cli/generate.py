@@ -12,7 +12,7 @@ from rechannel.ops.errors import UserError
 
 def _inputs(prompts: list[str], input_path: str | None, field: str) -> list[dict]:
     """Records to complete: one per PROMPT argument, or the JSONL input (every field kept)."""
-    from rechannel.cli.jsonl import read_jsonl
+    from rechannel.ops.records import read_jsonl
 
     if prompts and input_path:
         raise UserError("give PROMPT arguments or --input, not both")

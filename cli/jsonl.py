@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,68 +19,7 @@ import orjson
 
 from rechannel.cli.console import warn
 from rechannel.ops.atomic import atomic_open
-from rechannel.ops.errors import UserError
-
-STDIO = "-"
-
-
-@dataclass
-class Record:
-    """One input object and where it came from, for error messages (`file:line`)."""
-
-    data: dict[str, Any]
-    where: str
-
-    def field(self, name: str, kind: type | tuple[type, ...] = str) -> Any:
-        """The value of a required field, checked for type; a UserError naming file:line otherwise."""
-        if name not in self.data:
-            raise UserError(f"{self.where}: missing field {name!r} (fields: {', '.join(self.data) or 'none'})")
-        value = self.data[name]
-        if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float):
-            want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise UserError(f"{self.where}: field {name!r} should be {want}, got {type(value).__name__}")
-        return value
-
-
-def _open_input(path: str) -> tuple[IO[bytes], str]:
-    if path == STDIO:
-        if sys.stdin.isatty():
-            raise UserError("no input: give a JSONL file, or pipe JSON Lines into stdin")
-        return sys.stdin.buffer, "<stdin>"
-    try:
-        return open(path, "rb"), path
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a JSONL file") from None
-
-
-def _parse_line(raw: bytes, where: str) -> dict[str, Any]:
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def read_jsonl(path: str, require: Sequence[str] = (), allow_empty: bool = False) -> list[Record]:
-    """All records of `path` (or stdin for `-`), each checked to be an object holding `require`."""
-    f, name = _open_input(path)
-    records = []
-    with ExitStack() as stack:
-        if f is not sys.stdin.buffer:
-            stack.enter_context(f)
-        for lineno, raw in enumerate(f, start=1):
-            if raw.strip():
-                rec = Record(_parse_line(raw, f"{name}:{lineno}"), f"{name}:{lineno}")
-                for field in require:
-                    rec.field(field, object)
-                records.append(rec)
-    if not records and not allow_empty:
-        raise UserError(f"{name}: no records")
-    return records
+from rechannel.ops.records import STDIO
 
 
 def _to_json(obj: Any) -> Any:

@@ -37,18 +37,47 @@ def wikitext2_text(path: str) -> str:
 
 
 @torch.inference_mode()
-def window_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token negative log-likelihood of each window. ids (B, T) -> (B,) float32"""
+def nll_sum(model: nn.Module, ids: torch.Tensor, first_target: int = 1) -> torch.Tensor:
+    """Sum of -log p(ids[:, t] | ids[:, :t]) over t >= first_target. ids (B, T) -> (B,) float32"""
     hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, d)
     head = model.get_output_embeddings()
     total = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device)
-    for s in range(0, ids.shape[1] - 1, HEAD_CHUNK):
+    for s in range(first_target - 1, ids.shape[1] - 1, HEAD_CHUNK):
         e = min(s + HEAD_CHUNK, ids.shape[1] - 1)
         logits = head(hidden[:, s:e]).float()  # (B, chunk, V)
         targets = ids[:, s + 1:e + 1]  # (B, chunk)
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         total += nll.view(targets.shape).sum(1)
-    return total / (ids.shape[1] - 1)
+    return total
+
+
+def window_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of each window. ids (B, T) -> (B,) float32"""
+    return nll_sum(model, ids) / (ids.shape[1] - 1)
+
+
+def sliding_perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, stride: int, limit: int | None = None,
+                       on_windows: Callable[[torch.Tensor], None] | None = None) -> PerplexityResult:
+    """Perplexity with overlapping windows: a window of `seqlen` tokens every `stride`, each scoring only the
+    tokens no earlier window scored, so every token but the first is scored once with up to seqlen - 1
+    tokens of context (the Hugging Face recipe). ppl = exp(total NLL / tokens scored)."""
+    if not 0 < stride <= seqlen:
+        raise UserError(f"--stride {stride}: must be between 1 and --seqlen {seqlen}")
+    if stream.numel() < 2:
+        raise UserError("the text has fewer than two tokens")
+    device = next(model.parameters()).device
+    total, scored, windows, prev_end = 0.0, 0, 0, 0
+    for begin in range(0, stream.numel() - 1, stride):
+        end = min(begin + seqlen, stream.numel())
+        first = max(prev_end, begin + 1) - begin  # first target inside this window
+        nll = nll_sum(model, stream[begin:end].view(1, -1).to(device), first).double().cpu()  # (1,)
+        total, scored, windows, prev_end = total + nll.item(), scored + end - begin - first, windows + 1, end
+        if on_windows:
+            on_windows(nll / (end - begin - first))
+        if end == stream.numel() or (limit is not None and windows >= limit):
+            break
+    mean = total / scored
+    return PerplexityResult(math.exp(mean) if mean < 700 else math.inf, mean, windows, seqlen, scored)
 
 
 def perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, limit: int | None = None,

@@ -69,3 +69,107 @@ def test_eval_missing_file_names_the_path_and_data_dir(tiny_model, tmp_path):
     r = run_cli("eval", "--model", str(tiny_model), "--data-dir", str(tmp_path), "-o", str(tmp_path / "r.json"))
     assert r.returncode == 1 and "perplexity/wikitext2_test.raw not found" in r.stderr.decode()
     assert f"--data-dir {tmp_path}" in r.stderr.decode() and not (tmp_path / "r.json").exists()
+
+
+def test_sliding_perplexity_scores_every_token_once_with_the_longest_context(tiny_model):
+    from rechannel.ops.perplexity import sliding_perplexity
+
+    lm = load_model(str(tiny_model), device="cpu")
+    stream = lm.tokenizer(" ".join(make_docs(8)), return_tensors="pt").input_ids[0][:150]
+    seqlen, stride = 40, 16
+    total, count = 0.0, 0
+    with torch.no_grad():  # token t >= 1 is predicted from the window that first reaches it
+        logits = {}
+        for t in range(1, stream.numel()):
+            begin = max(0, -(-(t + 1 - seqlen) // stride) * stride)  # first window start with t < begin + seqlen
+            if begin not in logits:
+                logits[begin] = torch.log_softmax(lm.model(stream[begin:begin + seqlen].view(1, -1)).logits[0].double(), -1)
+            total -= logits[begin][t - 1 - begin, stream[t]].item()
+            count += 1
+    got = sliding_perplexity(lm.model, stream, seqlen, stride)
+    assert got.tokens_scored == count == stream.numel() - 1
+    assert got.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+    with pytest.raises(UserError, match="--stride 50"):
+        sliding_perplexity(lm.model, stream, seqlen, 50)
+
+
+def _mc_file(path, rows=None):
+    rows = rows or [{"id": f"e{i}", "context": c, "choices": ch, "gold": g} for i, (c, ch, g) in enumerate([
+        ("The capital of France is", ["Paris", "Rome", "a quick brown fox"], 0),
+        ("Question: what is two plus two?\nAnswer:", ["four", "five"], 0),
+        ("Compression removes", ["weights", "prompts", "dogs", "the capital"], 0)])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_multiple_choice_records_and_results(tiny_model, tmp_path):
+    data = _mc_file(tmp_path / "mine.jsonl")
+    out = tmp_path / "res.json"
+    r = run_cli("eval", "--model", str(tiny_model), "--data", str(data), "--kind", "mc", "--batch-size", "2",
+                "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(x) for x in r.stdout.splitlines()]
+    res = json.loads(out.read_text())["results"]["mine"]
+    assert [x["id"] for x in records] == ["e0", "e1", "e2"] and res["samples"] == 3
+    choices = [["Paris", "Rome", "a quick brown fox"], ["four", "five"], ["weights", "prompts", "dogs", "the capital"]]
+    for rec, ch in zip(records, choices, strict=True):
+        lls = rec["loglik"]
+        assert rec["pred"] == max(range(len(lls)), key=lambda i: lls[i]) and rec["correct"] == (rec["pred"] == 0)
+        assert rec["pred_norm"] == max(range(len(lls)), key=lambda i: lls[i] / len(ch[i]))
+    assert res["acc,none"] == pytest.approx(sum(x["acc"] for x in records) / 3)
+    assert res["acc_norm,none"] == pytest.approx(sum(x["acc_norm"] for x in records) / 3)
+    assert res["examples_per_s"] > 0 and json.loads(out.read_text())["config"]["extra_parameters"] == 0
+    assert "acc_norm" in r.stderr.decode()  # the summary table
+
+
+def test_eval_with_a_prompt_bank_and_a_lora_adapter(tiny_model, tmp_path):
+    from rechannel.cli.artifacts import Provenance, save_artifact
+    from rechannel.ops.models import model_fingerprint
+
+    data = _mc_file(tmp_path / "mine.jsonl")
+    bank = tmp_path / "bank.safetensors"
+    save_artifact(bank, {"prompts": torch.randn(2, 3, 64)},
+                  Provenance("prompt-bank", str(tiny_model), model_fingerprint(tiny_model)))
+    base = run_cli("eval", "--model", str(tiny_model), "--data", str(data))
+    routed = run_cli("eval", "--model", str(tiny_model), "--data", str(data), "--prompts", str(bank),
+                     "--route", "fixed:1", "-o", str(tmp_path / "p.json"))
+    assert routed.returncode == 0, routed.stderr
+    a, b = ([json.loads(x) for x in r.stdout.splitlines()] for r in (base, routed))
+    assert all(x["prompt"] == 1 for x in b) and a[0]["loglik"] != b[0]["loglik"]
+    assert json.loads((tmp_path / "p.json").read_text())["config"]["extra_parameters"] == 2 * 3 * 64
+    r = run_cli("eval", "--model", str(tiny_model), "--data", str(data), "--prompts", str(bank), "--route", "fixed:2")
+    assert r.returncode == 1 and "the bank has 2 prompts" in r.stderr.decode()
+
+
+def test_eval_closed_book_qa(tiny_model, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "question": q, "answers": a}) + "\n" for i, (q, a) in
+                            enumerate([("What is the capital of France?", ["Paris"]), ("Two plus two?", ["four", "4"])])))
+    r = run_cli("eval", "--model", str(tiny_model), "--data", str(data), "--kind", "qa", "-o", str(tmp_path / "q.json"))
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(records) == 2 and all("\n" not in x["prediction"] for x in records)
+    from rechannel.ops.metrics import qa_metrics
+
+    for rec, answers in zip(records, [["Paris"], ["four", "4"]], strict=True):
+        assert rec["f1"] == qa_metrics(rec["prediction"], answers)["f1"]
+    res = json.loads((tmp_path / "q.json").read_text())["results"]["qa"]
+    assert res["exact_match,none"] == sum(x["exact_match"] for x in records) / 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kind", "mc"], "bad.jsonl:2: gold 3 is not a choice index"),
+    (["--route", "fixed:0"], "--route fixed:0 needs a prompt bank"),
+    (["--batch-size", "0"], "--batch-size '0'"),
+    (["--route", "atention"], "did you mean"),
+])
+def test_eval_bad_input_is_one_line_and_writes_nothing(tiny_model, tmp_path, args, message):
+    data = _mc_file(tmp_path / "bad.jsonl", [{"context": "a", "choices": ["b", "c"], "gold": 0},
+                                            {"context": "a", "choices": ["b", "c"], "gold": 3}])
+    if args[0] != "--kind":
+        data = _mc_file(tmp_path / "good.jsonl")
+    out = tmp_path / "r.json"
+    r = run_cli("eval", "--model", str(tiny_model), "--data", str(data), *args, "-o", str(out))
+    err = r.stderr.decode()
+    assert r.returncode == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and r.stdout == b""

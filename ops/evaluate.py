@@ -1,0 +1,158 @@
+"""Run one task of each kind and turn its scores into per-example records and aggregate metrics.
+
+`eval` (cli/eval.py) picks the tasks, loads the model, writes the records and the results file; the
+work of each kind is here. A `Conditioning` says what is put in front of every example: nothing, or a
+row of a soft-prompt bank chosen per example by a router.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rechannel.ops.loglik import ScoreUnit, encode_pair, score_units
+from rechannel.ops.metrics import choice_metrics, mean_stderr, qa_metrics
+from rechannel.ops.task_formats import ChoiceExample, QAExample
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Conditioning:
+    """The soft prompts (K, P, d) in front of each example, and which one each example gets."""
+
+    prompts: torch.Tensor | None = None
+    route: Callable[[str], int | None] = field(default=lambda text: None)  # example text -> bank row
+
+
+@dataclass
+class TaskRun:
+    records: list[dict[str, Any]]
+    metrics: dict[str, float | None]
+    tokens: int  # tokens put through the model (contexts once, continuations, generated tokens)
+    seconds: float
+
+
+def _aggregate(records: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name in names:
+        values = [r[name] for r in records]
+        out[f"{name},none"] = sum(values) / len(values)
+        out[f"{name}_stderr,none"] = mean_stderr(values)
+    return out
+
+
+def _units(tokenizer: Any, examples: Sequence[ChoiceExample], cond: Conditioning) -> tuple[list[ScoreUnit], list[list[tuple[int, int]]]]:
+    """One unit per distinct context of an example (so a shared context runs once); for every choice, the
+    (unit, continuation) it landed in."""
+    units: list[ScoreUnit] = []
+    where: list[list[tuple[int, int]]] = []
+    for ex in examples:
+        prompt = cond.route(ex.contexts[0]) if cond.prompts is not None else None
+        groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        slots = []
+        for ctx_text, cont_text in zip(ex.contexts, ex.continuations, strict=True):
+            ctx, cont = encode_pair(tokenizer, ctx_text, cont_text)
+            conts = groups.setdefault(tuple(ctx), [])
+            slots.append((tuple(ctx), len(conts)))
+            conts.append(tuple(cont))
+        first = len(units)
+        keys = list(groups)
+        units.extend(ScoreUnit(k, tuple(groups[k]), prompt) for k in keys)
+        where.append([(first + keys.index(k), j) for k, j in slots])
+    return units, where
+
+
+def run_choice_task(model: nn.Module, tokenizer: Any, task: str, kind: str, examples: Sequence[ChoiceExample],
+                    batch_size: int, cond: Conditioning, on_progress: Progress | None = None) -> TaskRun:
+    """mc (acc, acc_norm), partial (acc) and lastword (acc = greedy, perplexity) tasks."""
+    t0 = time.perf_counter()
+    units, where = _units(tokenizer, examples, cond)
+    scores = score_units(model, units, batch_size, cond.prompts, tokenizer.pad_token_id or 0,
+                         on_batch=None if on_progress is None else lambda n: on_progress(n))
+    records = []
+    for ex, slots in zip(examples, where, strict=True):
+        picked = [scores[u][j] for u, j in slots]
+        rec: dict[str, Any] = {"task": task, "id": ex.id}
+        if kind == "lastword":
+            rec.update(loglik=picked[0].loglik, greedy=picked[0].greedy, gold=ex.choices[0],
+                       acc=float(picked[0].greedy), correct=picked[0].greedy)
+        else:
+            m = choice_metrics([s.loglik for s in picked], ex.choices, ex.gold)
+            rec.update(loglik=[s.loglik for s in picked], pred=m["pred"], gold=ex.gold, correct=bool(m["acc"]),
+                       acc=m["acc"])
+            if kind == "mc":
+                rec.update(pred_norm=m["pred_norm"], acc_norm=m["acc_norm"])
+        if cond.prompts is not None:
+            rec["prompt"] = units[slots[0][0]].prompt
+        records.append(rec)
+    metrics = _aggregate(records, {"mc": ["acc", "acc_norm"], "partial": ["acc"], "lastword": ["acc"]}[kind])
+    if kind == "lastword":
+        mean_ll = sum(r["loglik"] for r in records) / len(records)
+        metrics["perplexity,none"] = math.exp(-mean_ll) if -mean_ll < 700 else math.inf
+    tokens = sum(len(u.context) + sum(map(len, u.continuations)) for u in units)
+    return TaskRun(records, metrics, tokens, time.perf_counter() - t0)
+
+
+QA_STOP = "\n"
+QA_MAX_NEW_TOKENS = 32
+
+
+@torch.inference_mode()
+def _generate_batch(model: nn.Module, tokenizer: Any, prompts_text: Sequence[str], cond: Conditioning,
+                    rows: Sequence[int | None]) -> tuple[list[str], int]:
+    """Greedy completions of a left-padded batch, cut at the first newline; (texts, tokens generated)."""
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(prompts_text), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    kwargs: dict[str, Any] = {"attention_mask": enc.attention_mask}
+    if cond.prompts is not None:
+        soft = cond.prompts[list(rows)].to(device, embed.weight.dtype)  # (B, P, d)
+        kwargs["inputs_embeds"] = torch.cat([soft, embed(enc.input_ids)], 1)
+        kwargs["attention_mask"] = torch.cat([torch.ones(soft.shape[:2], dtype=torch.long, device=device),
+                                              enc.attention_mask], 1)
+    else:
+        kwargs["input_ids"] = enc.input_ids
+    out = model.generate(**kwargs, max_new_tokens=QA_MAX_NEW_TOKENS, do_sample=False, top_p=None, top_k=None,
+                         temperature=None, pad_token_id=tokenizer.pad_token_id, stop_strings=[QA_STOP],
+                         tokenizer=tokenizer)
+    new = out if cond.prompts is not None else out[:, enc.input_ids.shape[1]:]  # embeds: only new tokens come back
+    texts, generated = [], 0
+    for row in new.tolist():
+        ids = [t for t in row if t != tokenizer.pad_token_id]
+        generated += len(ids)
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True).split(QA_STOP)[0].strip())
+    return texts, generated
+
+
+def run_qa_task(model: nn.Module, tokenizer: Any, task: str, examples: Sequence[QAExample], batch_size: int,
+                cond: Conditioning, on_progress: Progress | None = None) -> TaskRun:
+    """Closed-book QA: greedy generation until a newline, exact match and F1 against every alias."""
+    t0 = time.perf_counter()
+    routes = [cond.route(ex.prompt) if cond.prompts is not None else None for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))
+    answers: list[str] = [""] * len(examples)
+    tokens = 0
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        texts, generated = _generate_batch(model, tokenizer, [examples[i].prompt for i in chunk], cond,
+                                           [routes[i] for i in chunk])
+        for i, text in zip(chunk, texts, strict=True):
+            answers[i] = text
+        tokens += generated + sum(len(tokenizer(examples[i].prompt).input_ids) for i in chunk)
+        if on_progress:
+            on_progress(len(chunk))
+    records = []
+    for ex, answer in zip(examples, answers, strict=True):
+        m = qa_metrics(answer, ex.answers)
+        records.append({"task": task, "id": ex.id, "prediction": answer, "correct": bool(m["exact_match"]), **m})
+        if cond.prompts is not None:
+            records[-1]["prompt"] = routes[len(records) - 1]
+    return TaskRun(records, _aggregate(records, ["exact_match", "f1"]), tokens, time.perf_counter() - t0)

@@ -1,0 +1,93 @@
+"""Apply a LoRA adapter saved in PEFT's layout (adapter_config.json + adapter_model.safetensors).
+
+The adapter is merged into the weights it targets, W <- W + s * B A with s = lora_alpha / r (or
+lora_alpha / sqrt(r) with use_rslora), which is what PEFT's `merge_and_unload` computes: evaluation then
+runs at the base model's speed, and the adapter's parameter count is reported as its cost. Features the
+merge cannot represent (DoRA, fan_in_fan_out, per-module ranks, trained modules_to_save) are refused
+rather than approximated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rechannel.ops.errors import UserError
+
+_PREFIX = "base_model.model."  # PEFT's key prefix in front of the base model's own module names
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    path: str
+    rank: int
+    alpha: float
+    modules: int  # Linear layers changed
+    parameters: int  # entries of all A and B matrices
+
+
+def _config(path: Path) -> dict:
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"--adapter {path}: no adapter_config.json (expected a PEFT LoRA directory)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"--adapter {path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
+    for flag in ("use_dora", "fan_in_fan_out"):
+        if cfg.get(flag):
+            raise UserError(f"--adapter {path}: {flag}=true is not supported")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise UserError(f"--adapter {path}: per-module rank_pattern/alpha_pattern is not supported")
+    if cfg.get("modules_to_save"):
+        raise UserError(f"--adapter {path}: modules_to_save is not supported")
+    return cfg
+
+
+def _pairs(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> (A (r, in), B (out, r)) from PEFT's keys `...<module>.lora_A[.default].weight`."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name = key.removeprefix(_PREFIX).replace(".default", "")
+        for part in ("lora_A", "lora_B"):
+            if name.endswith(f".{part}.weight"):
+                pairs.setdefault(name[: -len(f".{part}.weight")], {})[part] = t
+                break
+        else:
+            raise UserError(f"--adapter {path}: unexpected tensor {key!r} (only lora_A/lora_B weights are supported)")
+    incomplete = [n for n, p in pairs.items() if len(p) != 2]
+    if incomplete:
+        raise UserError(f"--adapter {path}: {incomplete[0]} has only {next(iter(pairs[incomplete[0]]))}")
+    return {n: (p["lora_A"], p["lora_B"]) for n, p in pairs.items()}
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module, adapter_dir: str) -> AdapterInfo:
+    """Merge a PEFT LoRA adapter into `model` in place (float32 arithmetic, stored in the weight's dtype)."""
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir).expanduser()
+    cfg = _config(path)
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"--adapter {path}: no adapter_model.safetensors (rechannel never loads pickle)")
+    rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    modules = dict(model.named_modules())
+    pairs = _pairs(load_file(str(weights)), path)
+    for name, (a, b) in pairs.items():
+        layer = modules.get(name)
+        if not isinstance(layer, nn.Linear):
+            raise UserError(f"--adapter {path}: the model has no Linear {name!r}; was it made for another model?")
+        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features or a.shape[0] != b.shape[1]:
+            raise UserError(f"--adapter {path}: {name} has A {tuple(a.shape)}, B {tuple(b.shape)} but the layer is "
+                            f"{layer.out_features}x{layer.in_features}")
+        w = layer.weight
+        delta = (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)) * scale  # (out, in)
+        w.copy_((w.float() + delta).to(w.dtype))
+    params = sum(a.numel() + b.numel() for a, b in pairs.values())
+    return AdapterInfo(str(path), rank, alpha, len(pairs), params)

@@ -1,0 +1,64 @@
+"""Per-example metrics and their aggregation, computed the way lm-evaluation-harness and SQuAD do.
+
+- acc: the choice with the highest log-likelihood is the gold one (the first on ties, as numpy's argmax);
+- acc_norm: the same after dividing each log-likelihood by the length of its choice string;
+- exact match / F1: SQuAD normalisation (lower case, no punctuation, no articles a/an/the, single spaces),
+  the best over all gold aliases;
+- stderr of a mean: the sample standard deviation over sqrt(n), as the harness reports it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+
+
+def argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def choice_metrics(logliks: Sequence[float], choices: Sequence[str], gold: int) -> dict[str, float]:
+    """acc and acc_norm of one multiple-choice example."""
+    pred = argmax(logliks)
+    pred_norm = argmax([ll / max(len(c), 1) for ll, c in zip(logliks, choices, strict=True)])
+    return {"pred": pred, "pred_norm": pred_norm, "acc": float(pred == gold), "acc_norm": float(pred_norm == gold)}
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, punctuation removed, articles removed, whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _f1(prediction: str, answer: str) -> float:
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(answer).split()
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if not pred or not gold:
+        return float(pred == gold)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_metrics(prediction: str, answers: Sequence[str]) -> dict[str, float]:
+    """Exact match and F1 of one generated answer against every alias, the best of each."""
+    norm = normalize_answer(prediction)
+    return {"exact_match": float(any(norm == normalize_answer(a) for a in answers)),
+            "f1": max(_f1(prediction, a) for a in answers)}
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """Sample standard deviation / sqrt(n): the harness's stderr for a mean metric."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
