@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rechannel.ops.loglik import ScoreUnit, encode_pair, score_units
+from rechannel.ops.loglik import ScoreUnit, encode_pair, score_units, share_prefix
 from rechannel.ops.metrics import choice_metrics, mean_stderr, qa_metrics
 from rechannel.ops.task_formats import ChoiceExample, QAExample
 
@@ -48,24 +48,18 @@ def _aggregate(records: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[
     return out
 
 
-def _units(tokenizer: Any, examples: Sequence[ChoiceExample], cond: Conditioning) -> tuple[list[ScoreUnit], list[list[tuple[int, int]]]]:
-    """One unit per distinct context of an example (so a shared context runs once); for every choice, the
-    (unit, continuation) it landed in."""
+def _units(tokenizer: Any, examples: Sequence[ChoiceExample], cond: Conditioning
+           ) -> tuple[list[ScoreUnit], list[list[tuple[int, int]]]]:
+    """The score units of all examples (what an example's choices share runs once), and for every choice
+    the (unit, row) that scores it."""
     units: list[ScoreUnit] = []
     where: list[list[tuple[int, int]]] = []
     for ex in examples:
         prompt = cond.route(ex.contexts[0]) if cond.prompts is not None else None
-        groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
-        slots = []
-        for ctx_text, cont_text in zip(ex.contexts, ex.continuations, strict=True):
-            ctx, cont = encode_pair(tokenizer, ctx_text, cont_text)
-            conts = groups.setdefault(tuple(ctx), [])
-            slots.append((tuple(ctx), len(conts)))
-            conts.append(tuple(cont))
-        first = len(units)
-        keys = list(groups)
-        units.extend(ScoreUnit(k, tuple(groups[k]), prompt) for k in keys)
-        where.append([(first + keys.index(k), j) for k, j in slots])
+        pairs = [encode_pair(tokenizer, c, k) for c, k in zip(ex.contexts, ex.continuations, strict=True)]
+        made, slots = share_prefix(pairs, prompt)
+        where.append([(len(units) + u, r) for u, r in slots])
+        units.extend(made)
     return units, where
 
 
@@ -96,7 +90,7 @@ def run_choice_task(model: nn.Module, tokenizer: Any, task: str, kind: str, exam
     if kind == "lastword":
         mean_ll = sum(r["loglik"] for r in records) / len(records)
         metrics["perplexity,none"] = math.exp(-mean_ll) if -mean_ll < 700 else math.inf
-    tokens = sum(len(u.context) + sum(map(len, u.continuations)) for u in units)
+    tokens = sum(len(u.prefix) + sum(map(len, u.suffixes)) for u in units)
     return TaskRun(records, metrics, tokens, time.perf_counter() - t0)
 
 

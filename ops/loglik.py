@@ -1,13 +1,15 @@
-"""Log-likelihood of continuations after a context, with each context run once for all its continuations.
+"""Log-likelihood of continuations, with what an example's requests share computed once.
 
-lm-evaluation-harness scores a multiple-choice example by running context+choice once per choice. Here a
-batch of contexts runs once (right-padded, keys and values kept), the cache rows are then repeated once
-per continuation, and all continuations of the batch run together on top of it. The first token of every
-continuation is predicted by the context's last position, so one-token choices (yes/no, A-E) need no
-second pass at all. Only the positions that predict a continuation token go through the output head.
+lm-evaluation-harness scores a multiple-choice example by running context+choice once per choice. Here the
+longest token prefix shared by all of an example's requests (the context, for ordinary multiple choice;
+the words before the blank, for WinoGrande's partial scoring) runs once, right-padded in a batch of
+examples, keeping its keys and values; the cache rows are then repeated once per request and all the
+remaining tokens of the batch run together on top of it. A continuation token that directly follows the
+prefix is predicted by the prefix's last position, so one-token choices (yes/no, A-E) need no second pass
+at all. Only positions that predict a scored token go through the output head.
 
 Tokens are split as lm-evaluation-harness splits them (`encode_pair`), so the numbers agree with it.
-An optional soft prompt (P, d) is placed in front of each context as input embeddings.
+An optional soft prompt (P, d) is placed in front of each prefix as input embeddings.
 """
 
 from __future__ import annotations
@@ -22,11 +24,30 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ScoreUnit:
-    """One context and the continuations scored after it."""
+    """A token prefix run once, and the rows that continue it: row i is `suffixes[i]`, of which the last
+    `scored[i]` tokens are the continuation being scored."""
 
-    context: tuple[int, ...]  # token ids, non-empty
-    continuations: tuple[tuple[int, ...], ...]  # each non-empty
+    prefix: tuple[int, ...]  # non-empty
+    suffixes: tuple[tuple[int, ...], ...]  # each non-empty
+    scored: tuple[int, ...]  # 1 <= scored[i] <= len(suffixes[i])
     prompt: int | None = None  # row of the prompt bank to prepend, None for no soft prompt
+
+
+def share_prefix(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], prompt: int | None = None
+                 ) -> tuple[list[ScoreUnit], list[tuple[int, int]]]:
+    """Units for one example's (context ids, continuation ids) requests, and where each request went
+    (unit, row). The shared prefix never reaches into a continuation; when the contexts differ from the
+    first token on, each request is its own unit."""
+    seqs = [tuple(c) + tuple(k) for c, k in pairs]
+    limit = min(len(c) for c, _ in pairs)
+    common = 0
+    while common < limit and all(s[common] == seqs[0][common] for s in seqs):
+        common += 1
+    if common == 0:
+        units = [ScoreUnit(tuple(c), (tuple(k),), (len(k),), prompt) for c, k in pairs]
+        return units, [(i, 0) for i in range(len(pairs))]
+    unit = ScoreUnit(seqs[0][:common], tuple(s[common:] for s in seqs), tuple(len(k) for _, k in pairs), prompt)
+    return [unit], [(0, i) for i in range(len(pairs))]
 
 
 @dataclass(frozen=True)
@@ -61,40 +82,45 @@ def _pad_rows(rows: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torc
     return ids, mask
 
 
-def _head_logprobs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """log-softmax of the output head on selected positions. (n, d) -> (n, V) float32"""
-    return torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)
-
-
 @torch.inference_mode()
 def score_batch(model: nn.Module, units: Sequence[ScoreUnit], prompts: torch.Tensor | None = None,
                 pad_id: int = 0) -> list[list[ContinuationScore]]:
-    """Score every continuation of every unit in two forward passes (one when all are single tokens)."""
+    """Score every row of every unit in two forward passes (one when no row needs more than its first token)."""
     decoder, embed = model.get_decoder(), model.get_input_embeddings()
     device = embed.weight.device
     n_prompt = prompts.shape[1] if prompts is not None else 0
-    ctx_ids, ctx_mask = _pad_rows([u.context for u in units], max(len(u.context) for u in units), pad_id)
-    ctx_len = ctx_mask.sum(1)  # (B,)
+    ids, mask = _pad_rows([u.prefix for u in units], max(len(u.prefix) for u in units), pad_id)  # (B, Lp)
+    prefix_len = mask.sum(1) + n_prompt  # (B,)
     if n_prompt:
         soft = prompts[[u.prompt for u in units]].to(device, embed.weight.dtype)  # (B, P, d)
-        inputs = {"inputs_embeds": torch.cat([soft, embed(ctx_ids.to(device))], 1)}
-        ctx_mask = torch.cat([torch.ones(len(units), n_prompt, dtype=torch.long), ctx_mask], 1)
+        inputs = {"inputs_embeds": torch.cat([soft, embed(ids.to(device))], 1)}
+        mask = torch.cat([torch.ones(len(units), n_prompt, dtype=torch.long), mask], 1)
     else:
-        inputs = {"input_ids": ctx_ids.to(device)}
-    out = decoder(**inputs, attention_mask=ctx_mask.to(device), use_cache=True)
+        inputs = {"input_ids": ids.to(device)}
+    out = decoder(**inputs, attention_mask=mask.to(device), use_cache=True)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.24 renamed it
-    last = out.last_hidden_state[torch.arange(len(units)), n_prompt + ctx_len - 1]  # (B, d)
-    first = _head_logprobs(model, last)  # (B, V)
-
-    rows = [(b, c) for b, u in enumerate(units) for c in u.continuations]  # one row per continuation
-    rest = _score_rest(decoder, model, cache, rows, ctx_mask, n_prompt + ctx_len, pad_id, device)
-    first_lp, first_best = first.tolist(), first.argmax(1).tolist()
+    rows = [(b, suffix, n) for b, u in enumerate(units) for suffix, n in zip(u.suffixes, u.scored, strict=True)]
+    # token j of a suffix is predicted by the prefix's last position (j = 0) or by suffix position j - 1
+    heads = [(r, b, suffix[0]) for r, (b, suffix, n) in enumerate(rows) if n == len(suffix)]
+    owners = torch.tensor([b for _, b, _ in heads], dtype=torch.long)
+    last = out.last_hidden_state[owners.to(device), (prefix_len[owners] - 1).to(device)]  # (heads, d)
+    picks = _pick(model, last, [t for _, _, t in heads])
+    tails = _score_suffixes(decoder, model, cache, rows, mask, prefix_len, pad_id, device)
+    for (r, _, _), pick in zip(heads, picks, strict=True):
+        tails[r].insert(0, pick)
     scores: list[list[ContinuationScore]] = [[] for _ in units]
-    for (b, cont), tail in zip(rows, rest, strict=True):
-        loglik = first_lp[b][cont[0]] + sum(lp for lp, _ in tail)
-        greedy = first_best[b] == cont[0] and all(best for _, best in tail)
-        scores[b].append(ContinuationScore(loglik, greedy, len(cont)))
+    for (b, _, n), tail in zip(rows, tails, strict=True):
+        scores[b].append(ContinuationScore(sum(lp for lp, _ in tail), all(best for _, best in tail), n))
     return scores
+
+
+def _pick(model: nn.Module, hidden: torch.Tensor, targets: Sequence[int]) -> list[tuple[float, bool]]:
+    """(log-prob of each target, is it the argmax) from the hidden states that predict them. hidden (n, d)"""
+    if not targets:
+        return []
+    logp = torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)  # (n, V)
+    t = torch.tensor(list(targets), device=logp.device).view(-1, 1)
+    return list(zip(logp.gather(1, t).squeeze(1).tolist(), (logp.argmax(1) == t.squeeze(1)).tolist(), strict=True))
 
 
 def _cache_argument(decoder: nn.Module, cache) -> dict:
@@ -104,28 +130,26 @@ def _cache_argument(decoder: nn.Module, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
-def _score_rest(decoder: nn.Module, model: nn.Module, cache, rows: list[tuple[int, tuple[int, ...]]],
-                ctx_mask: torch.Tensor, prefix_len: torch.Tensor, pad_id: int, device) -> list[list[tuple[float, bool]]]:
-    """Run tokens 1..n-1 of every continuation on the context cache: per row, (log-prob, is the argmax) of
-    tokens 2..n."""
-    width = max(len(c) for _, c in rows) - 1
+def _score_suffixes(decoder: nn.Module, model: nn.Module, cache, rows: list[tuple[int, tuple[int, ...], int]],
+                    prefix_mask: torch.Tensor, prefix_len: torch.Tensor, pad_id: int, device
+                    ) -> list[list[tuple[float, bool]]]:
+    """Run every suffix but its last token on its prefix's cache; per row, (log-prob, is the argmax) of
+    the scored suffix tokens after the first."""
+    width = max(len(suffix) for _, suffix, _ in rows) - 1
     tails: list[list[tuple[float, bool]]] = [[] for _ in rows]
     if width == 0:
         return tails
-    owner = torch.tensor([b for b, _ in rows])
-    cache.batch_select_indices(owner.to(device))  # (B, ...) -> (rows, ...): one copy per continuation
-    ids, mask = _pad_rows([c[:-1] for _, c in rows], width, pad_id)  # (rows, width)
+    owner = torch.tensor([b for b, _, _ in rows])
+    cache.batch_select_indices(owner.to(device))  # (B, ...) -> (rows, ...): one copy per row
+    ids, mask = _pad_rows([suffix[:-1] for _, suffix, _ in rows], width, pad_id)  # (rows, width)
     positions = prefix_len[owner].view(-1, 1) + torch.arange(width).view(1, -1)  # (rows, width)
-    attention = torch.cat([ctx_mask[owner], mask], 1)
+    attention = torch.cat([prefix_mask[owner], mask], 1)
     hidden = decoder(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
                      use_cache=True, **_cache_argument(decoder, cache)).last_hidden_state  # (rows, width, d)
-    where = [(r, t) for r, (_, c) in enumerate(rows) for t in range(len(c) - 1)]
-    logp = _head_logprobs(model, hidden[[r for r, _ in where], [t for _, t in where]])  # (n, V)
-    targets = torch.tensor([rows[r][1][t + 1] for r, t in where], device=logp.device)  # (n,)
-    picked = logp.gather(1, targets.view(-1, 1)).squeeze(1).tolist()
-    is_best = (logp.argmax(1) == targets).tolist()
-    for (r, _), lp, best in zip(where, picked, is_best, strict=True):
-        tails[r].append((lp, best))
+    where = [(r, j) for r, (_, suffix, n) in enumerate(rows) for j in range(max(1, len(suffix) - n), len(suffix))]
+    picks = _pick(model, hidden[[r for r, _ in where], [j - 1 for _, j in where]], [rows[r][1][j] for r, j in where])
+    for (r, _), pick in zip(where, picks, strict=True):
+        tails[r].append(pick)
     return tails
 
 
@@ -133,7 +157,7 @@ def score_units(model: nn.Module, units: Sequence[ScoreUnit], batch_size: int, p
                 pad_id: int = 0, on_batch: Callable[[int], None] | None = None) -> list[list[ContinuationScore]]:
     """Score all units, longest first in batches of `batch_size` (padding stays small; an out-of-memory
     batch shows up first), returned in the input order."""
-    order = sorted(range(len(units)), key=lambda i: -(len(units[i].context) + max(map(len, units[i].continuations))))
+    order = sorted(range(len(units)), key=lambda i: -(len(units[i].prefix) + max(map(len, units[i].suffixes))))
     results: list[list[ContinuationScore] | None] = [None] * len(units)
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from rechannel.ops.loglik import ScoreUnit, encode_pair, score_units
+from rechannel.ops.loglik import ScoreUnit, encode_pair, score_units, share_prefix
 from rechannel.ops.models import load_model
 
 
@@ -32,42 +32,54 @@ def models(tiny_model):
     return lm, copy.deepcopy(lm.model).double()
 
 
-def _units(lm, prompt=None):
-    tok = lm.tokenizer
-    examples = [
-        ("Question: what is two plus two?\nAnswer:", [" four", " five.", " the capital of France"]),
-        ("The capital of", [" France is Paris", " Italy"]),
-        ("A quick brown fox jumps over the lazy dog; pack my box", [" with", " with five dozen liquor jugs."]),
-        ("Compression ", ["removes weights", "prompts"]),  # trailing space moves into the continuation
-    ]
-    units = []
-    for ctx, choices in examples:
-        pairs = [encode_pair(tok, ctx, c) for c in choices]
-        assert all(p[0] == pairs[0][0] for p in pairs)
-        units.append(ScoreUnit(tuple(pairs[0][0]), tuple(tuple(p[1]) for p in pairs), prompt))
-    return units
+EXAMPLES = [  # (contexts, continuations): shared contexts, then WinoGrande-like partial scoring
+    (["Question: what is two plus two?\nAnswer:"] * 3, [" four", " five.", " the capital of France"]),
+    (["The capital of"] * 2, [" France is Paris", " Italy"]),
+    (["A quick brown fox jumps over the lazy dog; pack my box"] * 2, [" with", " with five dozen liquor jugs."]),
+    (["Compression "] * 2, ["removes weights", "prompts"]),  # trailing space moves into the continuation
+    (["The capital of France is Paris so Paris", "The capital of France is Paris so Rome"], [" is big."] * 2),
+    (["Paris is", "Rome is"], [" a capital"] * 2),  # nothing shared: one unit per request
+]
+
+
+def _requests(lm, prompt=None):
+    """Per example: the units, and each choice's (context ids, continuation ids, unit, row)."""
+    out = []
+    for contexts, conts in EXAMPLES:
+        pairs = [encode_pair(lm.tokenizer, c, k) for c, k in zip(contexts, conts, strict=True)]
+        units, where = share_prefix(pairs, prompt)
+        out.append((units, [(c, k, u, r) for (c, k), (u, r) in zip(pairs, where, strict=True)]))
+    return out
+
+
+def _check(lm, model64, batch_size, bank=None, prompt=None):
+    requests = _requests(lm, prompt)
+    units = [u for us, _ in requests for u in us]
+    got = score_units(lm.model, units, batch_size, prompts=bank, pad_id=lm.tokenizer.pad_token_id)
+    offset = 0
+    for us, choices in requests:
+        for ctx, cont, u, r in choices:
+            s = got[offset + u][r]
+            want, greedy = _plain_score(model64, ctx, cont, None if bank is None else bank[prompt])
+            assert s.loglik == pytest.approx(want, abs=1e-5) and s.tokens == len(cont)
+            assert s.greedy == greedy
+        offset += len(us)
+    return requests
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_shared_context_scores_equal_plain_per_choice_scoring(models, batch_size):
+def test_shared_prefix_scores_equal_plain_per_choice_scoring(models, batch_size):
     lm, model64 = models
-    units = _units(lm)
-    got = score_units(lm.model, units, batch_size, pad_id=lm.tokenizer.pad_token_id)
-    for unit, scores in zip(units, got, strict=True):
-        for cont, s in zip(unit.continuations, scores, strict=True):
-            want, greedy = _plain_score(model64, unit.context, cont)
-            assert s.loglik == pytest.approx(want, abs=1e-5)
-            assert s.greedy == greedy and s.tokens == len(cont)
+    requests = _check(lm, model64, batch_size)
+    assert [len(us) for us, _ in requests] == [1, 1, 1, 1, 1, 2]  # shared where anything is shared
+    wino = requests[4][0][0]
+    assert len(wino.prefix) < len(requests[4][1][0][0]) and wino.scored == (len(requests[4][1][0][1]),) * 2
 
 
 def test_soft_prompt_goes_in_front_of_every_context(models):
     lm, model64 = models
     bank = torch.randn(3, 4, lm.model.config.hidden_size) * 0.5  # (K, P, d)
-    units = _units(lm, prompt=2)
-    got = score_units(lm.model, units, 4, prompts=bank, pad_id=lm.tokenizer.pad_token_id)
-    for unit, scores in zip(units, got, strict=True):
-        for cont, s in zip(unit.continuations, scores, strict=True):
-            assert s.loglik == pytest.approx(_plain_score(model64, unit.context, cont, bank[2])[0], abs=1e-5)
+    _check(lm, model64, 4, bank, prompt=2)
 
 
 def test_a_greedy_continuation_is_recognised(models):
@@ -76,7 +88,7 @@ def test_a_greedy_continuation_is_recognised(models):
     generated = lm.model.generate(torch.tensor([ctx]), max_new_tokens=3, do_sample=False,
                                   pad_token_id=lm.tokenizer.pad_token_id)[0, len(ctx):].tolist()
     other = [(generated[0] + 1) % lm.model.config.vocab_size] + generated[1:]
-    scores = score_units(lm.model, [ScoreUnit(ctx, (tuple(generated), tuple(other)))], 1)[0]
+    scores = score_units(lm.model, [ScoreUnit(ctx, (tuple(generated), tuple(other)), (3, 3))], 1)[0]
     assert scores[0].greedy and not scores[1].greedy and scores[0].loglik > scores[1].loglik
 
 
