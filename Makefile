@@ -7,7 +7,7 @@ OUT    ?= demo-out
 TORCH_CPU ?= torch==2.13.0
 export RECHANNEL_CACHE ?= $(HOME)/.cache/rechannel
 
-.PHONY: install test demo prune-table bench lint clean
+.PHONY: install test demo prune-table eval-table bench bench-kernels bench-eval lint clean
 .SECONDARY:  # keep the pruned model directories: they are intermediate targets of the eval files
 
 install: $(VENV)/.installed
@@ -68,8 +68,30 @@ pattern = $(if $(findstring 2of4,$*),--pattern 2:4,--sparsity 0.5)
 $(OUT)/%/config.json: $(OUT)/stats.safetensors
 	$(RC) compress --method $(method) $(pattern) $(if $(filter magnitude,$(method)),,--stats $< --sequential) --device $(DEVICE) -o $(OUT)/$* > $(OUT)/$*.report.json
 
-bench: install
-	$(BIN)/python tests/bench/prune.py --out bench-latest.md
+bench: bench-kernels bench-eval
+
+# The Triton kernels against the torch path: needs a CUDA GPU, skipped (with a note) without one
+bench-kernels: install
+	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  $(BIN)/python tests/bench/prune.py --out bench-latest.md; \
+	else echo "bench-kernels: no CUDA GPU here, kernel benchmarks skipped"; fi
+
+# eval against lm-evaluation-harness (same model, data, templates and limit), in one run on this machine.
+# The harness lives in its own venv, with the same torch and transformers as .venv.
+HARNESS     ?= .venv-harness
+LM_EVAL     ?= lm_eval==0.4.9.1
+BENCH_LIMIT ?= 500
+$(HARNESS)/.installed: | install
+	test -x $(HARNESS)/bin/python || $(PYTHON) -m venv $(HARNESS)
+	$(HARNESS)/bin/python -m pip install -q --upgrade pip
+	$(HARNESS)/bin/python -m pip install -q "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(HARNESS)/bin/python -m pip install -q "$(LM_EVAL)" "transformers==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')"
+	touch $@
+
+bench-eval: install $(HARNESS)/.installed
+	$(RC) models prepare smollm2-135m
+	$(BIN)/python tests/bench/eval_vs_harness.py --harness-python $(HARNESS)/bin/python --data $(DATA) \
+	  --model-dir $(RECHANNEL_CACHE)/models/smollm2-135m --limit $(BENCH_LIMIT) --out bench-latest.md
 
 clean:
 	rm -rf $(OUT) build dist *.egg-info .pytest_cache .ruff_cache

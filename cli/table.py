@@ -26,16 +26,28 @@ def _load(path: str) -> dict[str, Any]:
 
 
 def _label(path: str, doc: dict[str, Any]) -> str:
-    c = (doc.get("config") or {}).get("compression")
-    if not c:
-        return "dense"
-    return f"{c.get('method')} {c.get('pattern') if c.get('pattern') != 'unstructured' else format(c.get('sparsity'), '.0%')}"
+    """What was evaluated: the compression (or dense), plus any adapter or prompt bank in use."""
+    config = doc.get("config") or {}
+    c = config.get("compression")
+    label = "dense" if not c else (
+        f"{c.get('method')} {c.get('pattern') if c.get('pattern') != 'unstructured' else format(c.get('sparsity'), '.0%')}")
+    if config.get("adapter"):
+        label += f" + LoRA r={config['adapter'].get('rank')}"
+    if (config.get("prompts") or {}).get("route", "none") != "none":
+        label += f" + prompts {config['prompts']['route']}"
+    return label
 
 
-def _rows(paths: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+def _rows(paths: list[str], metrics: set[str] | None) -> tuple[list[str], list[dict[str, Any]]]:
     docs = [(p, _load(p)) for p in paths]
-    columns = sorted({f"{task} {metric.split(',')[0]}" for _, d in docs for task, m in d["results"].items()
-                      for metric in m if metric.endswith(",none") and "stderr" not in metric and metric != "nll,none"})
+    columns = []  # in the order the tasks and metrics first appear
+    for _, d in docs:
+        for task, m in d["results"].items():
+            for metric in m:
+                name = metric.split(",")[0]
+                if (metric.endswith(",none") and "stderr" not in metric and name != "nll"
+                        and (metrics is None or name in metrics) and f"{task} {name}" not in columns):
+                    columns.append(f"{task} {name}")
     rows = []
     for p, d in docs:
         row = {"run": _label(p, d), "file": p}
@@ -51,6 +63,7 @@ def table_command(
     results: Annotated[list[str], typer.Argument(help="eval results files (-o outputs).")],
     json: Json = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="A markdown table on stdout.")] = False,
+    metrics: Annotated[str | None, typer.Option(help="Only these metrics, comma-separated (e.g. acc,ppl).")] = None,
 ) -> None:
     """Compare eval results side by side: one row per file, one column per task metric.
 
@@ -59,8 +72,9 @@ def table_command(
       rechannel table dense.json out/*.json
       rechannel table dense.json wanda50.json --markdown >> RESULTS.md
       rechannel table *.json --json | jq -c .
+      rechannel table dense.json wanda50.json --metrics acc,exact_match
     """
-    columns, rows = _rows(results)
+    columns, rows = _rows(results, {m.strip() for m in metrics.split(",")} if metrics else None)
     if json:
         from rechannel.cli.jsonl import STDIO, JsonlWriter
 

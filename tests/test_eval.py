@@ -120,6 +120,8 @@ def test_eval_multiple_choice_records_and_results(tiny_model, tmp_path):
     assert res["acc_norm,none"] == pytest.approx(sum(x["acc_norm"] for x in records) / 3)
     assert res["examples_per_s"] > 0 and json.loads(out.read_text())["config"]["extra_parameters"] == 0
     assert "acc_norm" in r.stderr.decode()  # the summary table
+    row = json.loads(run_cli("table", str(out), "--metrics", "acc", "--json").stdout)
+    assert row["mine acc"] == res["acc,none"] and "mine acc_norm" not in row and row["run"] == "dense"
 
 
 def test_eval_with_a_prompt_bank_and_a_lora_adapter(tiny_model, tmp_path):
@@ -137,6 +139,7 @@ def test_eval_with_a_prompt_bank_and_a_lora_adapter(tiny_model, tmp_path):
     a, b = ([json.loads(x) for x in r.stdout.splitlines()] for r in (base, routed))
     assert all(x["prompt"] == 1 for x in b) and a[0]["loglik"] != b[0]["loglik"]
     assert json.loads((tmp_path / "p.json").read_text())["config"]["extra_parameters"] == 2 * 3 * 64
+    assert json.loads(run_cli("table", str(tmp_path / "p.json"), "--json").stdout)["run"] == "dense + prompts fixed:1"
     r = run_cli("eval", "--model", str(tiny_model), "--data", str(data), "--prompts", str(bank), "--route", "fixed:2")
     assert r.returncode == 1 and "the bank has 2 prompts" in r.stderr.decode()
 
