@@ -79,7 +79,7 @@ bench-kernels: install
 # eval against lm-evaluation-harness (same model, data, templates and limit), in one run on this machine.
 # The harness lives in its own venv, with the same torch and transformers as .venv.
 HARNESS     ?= .venv-harness
-LM_EVAL     ?= lm_eval==0.4.9.1
+LM_EVAL     ?= lm_eval==0.4.13
 BENCH_LIMIT ?= 500
 $(HARNESS)/.installed: | install
 	test -x $(HARNESS)/bin/python || $(PYTHON) -m venv $(HARNESS)

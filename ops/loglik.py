@@ -14,6 +14,7 @@ An optional soft prompt (P, d) is placed in front of each prefix as input embedd
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -130,27 +131,55 @@ def _cache_argument(decoder: nn.Module, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
+PAD_SLACK = 1.25  # a group of suffixes may hold at most this many padded tokens per real one
+
+
+def width_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices grouped so that padding each group to its longest member wastes little: shortest first,
+    a new group whenever the padded size would exceed PAD_SLACK times the real tokens."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and lengths[i] * (len(groups[-1]) + 1) <= PAD_SLACK * (real + lengths[i]):
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups
+
+
 def _score_suffixes(decoder: nn.Module, model: nn.Module, cache, rows: list[tuple[int, tuple[int, ...], int]],
                     prefix_mask: torch.Tensor, prefix_len: torch.Tensor, pad_id: int, device
                     ) -> list[list[tuple[float, bool]]]:
-    """Run every suffix but its last token on its prefix's cache; per row, (log-prob, is the argmax) of
-    the scored suffix tokens after the first."""
-    width = max(len(suffix) for _, suffix, _ in rows) - 1
+    """Run every suffix but its last token on its prefix's cache, in groups of similar length; per row,
+    (log-prob, is the argmax) of the scored suffix tokens after the first."""
     tails: list[list[tuple[float, bool]]] = [[] for _ in rows]
-    if width == 0:
-        return tails
-    owner = torch.tensor([b for b, _, _ in rows])
-    cache.batch_select_indices(owner.to(device))  # (B, ...) -> (rows, ...): one copy per row
-    ids, mask = _pad_rows([suffix[:-1] for _, suffix, _ in rows], width, pad_id)  # (rows, width)
-    positions = prefix_len[owner].view(-1, 1) + torch.arange(width).view(1, -1)  # (rows, width)
+    todo = [r for r, (_, suffix, _) in enumerate(rows) if len(suffix) > 1]
+    groups = width_groups([len(rows[r][1]) - 1 for r in todo])
+    for g, members in enumerate(groups):
+        group = [todo[i] for i in members]
+        group_cache = cache if g == len(groups) - 1 else copy.deepcopy(cache)  # each forward extends its cache
+        _score_group(decoder, model, group_cache, rows, group, prefix_mask, prefix_len, pad_id, device, tails)
+    return tails
+
+
+def _score_group(decoder: nn.Module, model: nn.Module, cache, rows: list[tuple[int, tuple[int, ...], int]],
+                 group: list[int], prefix_mask: torch.Tensor, prefix_len: torch.Tensor, pad_id: int, device,
+                 tails: list[list[tuple[float, bool]]]) -> None:
+    width = max(len(rows[r][1]) for r in group) - 1
+    owner = torch.tensor([rows[r][0] for r in group])
+    cache.batch_select_indices(owner.to(device))  # (B, ...) -> (group, ...): one copy of the prefix per row
+    ids, mask = _pad_rows([rows[r][1][:-1] for r in group], width, pad_id)  # (group, width)
+    positions = prefix_len[owner].view(-1, 1) + torch.arange(width).view(1, -1)  # (group, width)
     attention = torch.cat([prefix_mask[owner], mask], 1)
     hidden = decoder(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
-                     use_cache=True, **_cache_argument(decoder, cache)).last_hidden_state  # (rows, width, d)
-    where = [(r, j) for r, (_, suffix, n) in enumerate(rows) for j in range(max(1, len(suffix) - n), len(suffix))]
-    picks = _pick(model, hidden[[r for r, _ in where], [j - 1 for _, j in where]], [rows[r][1][j] for r, j in where])
-    for (r, _), pick in zip(where, picks, strict=True):
+                     use_cache=True, **_cache_argument(decoder, cache)).last_hidden_state  # (group, width, d)
+    where = [(i, r, j) for i, r in enumerate(group) for j in range(max(1, len(rows[r][1]) - rows[r][2]), len(rows[r][1]))]
+    picks = _pick(model, hidden[[i for i, _, _ in where], [j - 1 for _, _, j in where]],
+                  [rows[r][1][j] for _, r, j in where])
+    for (_, r, _), pick in zip(where, picks, strict=True):
         tails[r].append(pick)
-    return tails
 
 
 def score_units(model: nn.Module, units: Sequence[ScoreUnit], batch_size: int, prompts: torch.Tensor | None = None,
