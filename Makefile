@@ -46,11 +46,28 @@ demo: install
 	@echo "== generate: greedy completion with the default model"
 	$(RC) generate "The capital of France is" --max-new-tokens 8 | tee $(OUT)/completion.jsonl
 	@$(MAKE) --no-print-directory prune-table
+	@$(MAKE) --no-print-directory eval-table
 
 prune-table: install $(OUT)/dense.eval.json $(RUNS:%=$(OUT)/%.eval.json)
 	@echo "== WikiText-2 perplexity, $(SEQLEN)-token windows$(if $(PPL_LIMIT), (first $(PPL_LIMIT))), calibration $(SAMPLES) x $(SEQLEN) C4 tokens, seed 0"
 	$(RC) table $(OUT)/dense.eval.json $(RUNS:%=$(OUT)/%.eval.json)
 	@$(RC) table $(OUT)/dense.eval.json $(RUNS:%=$(OUT)/%.eval.json) --markdown > $(OUT)/prune-table.md
+
+# What pruning cost on the knowledge tasks: the first KNOW_LIMIT examples of each, dense and pruned
+KNOW_TASKS ?= arc_easy,arc_challenge,boolq,piqa,openbookqa,winogrande,commonsenseqa,lambada,triviaqa
+KNOW_LIMIT ?= 50
+KNOW_RUNS  := dense wanda-50 sparsegpt-50
+eval-table: install $(KNOW_RUNS:%=$(OUT)/%.tasks.json)
+	@echo "== knowledge tasks, first $(KNOW_LIMIT) examples each (acc; exact match for triviaqa)"
+	$(RC) table $(KNOW_RUNS:%=$(OUT)/%.tasks.json) --metrics acc,exact_match --transpose
+	@$(RC) table $(KNOW_RUNS:%=$(OUT)/%.tasks.json) --metrics acc,acc_norm,exact_match,f1,perplexity --transpose --markdown > $(OUT)/eval-table.md
+
+$(OUT)/dense.tasks.json: | install
+	@mkdir -p $(OUT)
+	$(RC) eval --tasks $(KNOW_TASKS) --data-dir $(DATA) --limit $(KNOW_LIMIT) --device $(DEVICE) -o $@ > $(OUT)/dense.samples.jsonl
+
+$(OUT)/%.tasks.json: $(OUT)/%/config.json
+	$(RC) eval --model $(OUT)/$* --tasks $(KNOW_TASKS) --data-dir $(DATA) --limit $(KNOW_LIMIT) --device $(DEVICE) -o $@ > $(OUT)/$*.samples.jsonl
 
 $(OUT)/stats.safetensors: | install
 	@mkdir -p $(OUT)

@@ -64,6 +64,8 @@ def table_command(
     json: Json = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="A markdown table on stdout.")] = False,
     metrics: Annotated[str | None, typer.Option(help="Only these metrics, comma-separated (e.g. acc,ppl).")] = None,
+    transpose: Annotated[bool, typer.Option("--transpose", help="One row per task metric, one column per file "
+                                                                "(reads better for many tasks).")] = False,
 ) -> None:
     """Compare eval results side by side: one row per file, one column per task metric.
 
@@ -82,8 +84,13 @@ def table_command(
             out.write_all(rows)
         return
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    first = "run"
+    if transpose:  # rows become the task metrics, columns the runs
+        runs = [r["run"] for r in rows]
+        rows = [{"run": c, **{r["run"]: r.get(c) for r in rows}} for c in columns]
+        columns, first = runs, "task metric"
     if markdown:
-        print("| run | " + " | ".join(columns) + " |")
+        print(f"| {first} | " + " | ".join(columns) + " |")
         print("|---|" + "---:|" * len(columns))
         for r in rows:
             print(f"| {r['run']} | " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
@@ -92,10 +99,11 @@ def table_command(
     from rich.table import Table
 
     t = Table()
-    t.add_column("run")
+    t.add_column(first)
     for c in columns:
         t.add_column(c, justify="right")
-    t.add_column("file", style="dim")
+    if not transpose:
+        t.add_column("file", style="dim")
     for r in rows:
-        t.add_row(r["run"], *(fmt(r.get(c)) for c in columns), r["file"])
+        t.add_row(r["run"], *(fmt(r.get(c)) for c in columns), *([] if transpose else [r["file"]]))
     Console().print(t)

@@ -122,6 +122,8 @@ def test_eval_multiple_choice_records_and_results(tiny_model, tmp_path):
     assert "acc_norm" in r.stderr.decode()  # the summary table
     row = json.loads(run_cli("table", str(out), "--metrics", "acc", "--json").stdout)
     assert row["mine acc"] == res["acc,none"] and "mine acc_norm" not in row and row["run"] == "dense"
+    md = run_cli("table", str(out), "--transpose", "--markdown").stdout.decode().splitlines()
+    assert md[0] == "| task metric | dense |" and md[2] == f"| mine acc | {res['acc,none']:.3f} |"
 
 
 def test_eval_with_a_prompt_bank_and_a_lora_adapter(tiny_model, tmp_path):
@@ -176,3 +178,34 @@ def test_eval_bad_input_is_one_line_and_writes_nothing(tiny_model, tmp_path, arg
     err = r.stderr.decode()
     assert r.returncode == 1 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and r.stdout == b""
+
+
+def test_last_word_accuracy_and_perplexity_follow_the_records(tiny_model):
+    from rechannel.ops.evaluate import Conditioning, run_choice_task
+    from rechannel.ops.task_formats import ChoiceExample
+
+    lm = load_model(str(tiny_model), device="cpu")
+    examples = [ChoiceExample(str(i), (c,), (" " + w,), 0, (w,)) for i, (c, w) in enumerate(
+        [("The capital of France is", "Paris."), ("A quick brown fox jumps over the lazy", "dog"),
+         ("Question: what is two plus two?\nAnswer:", "four.")])]
+    run = run_choice_task(lm.model, lm.tokenizer, "lam", "lastword", examples, 2, Conditioning())
+    lls = [r["loglik"] for r in run.records]
+    assert run.metrics["perplexity,none"] == pytest.approx(math.exp(-sum(lls) / 3))
+    assert run.metrics["acc,none"] == pytest.approx(sum(r["greedy"] for r in run.records) / 3)
+
+
+def test_auto_batch_size_halves_on_gpu_out_of_memory():
+    from rechannel.cli.eval import _with_batch_size
+
+    tried = []
+
+    def run(b):
+        tried.append(b)
+        if b > 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return "ok"
+
+    assert _with_batch_size(run, None, "cuda:0") == ("ok", 16) and tried == [64, 32, 16]
+    with pytest.raises(UserError, match="out of GPU memory at --batch-size 32"):
+        _with_batch_size(run, 32, "cuda:0")
+    assert _with_batch_size(lambda b: b, None, "cpu") == (16, 16)
