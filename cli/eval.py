@@ -11,7 +11,8 @@ import typer
 from rechannel.cli import options
 from rechannel.ops.errors import UserError
 
-AUTO_START = {"cuda": 64, "cpu": 16}  # --batch-size auto: first try (halved on out-of-memory on a GPU)
+AUTO_START = {"cuda": 64, "cpu": 32}  # --batch-size auto: first try (halved on out-of-memory on a GPU)
+CPU_TOKENS = 1024  # --batch-size auto on a CPU: also at most this many padded tokens per forward batch
 
 
 def _ppl_stderr(ppl: float, nlls: list[float]) -> float | None:
@@ -97,13 +98,15 @@ def _run_ppl(lm: Any, task: Any, text: str, seqlen: int, stride: int | None, lim
             "tokens_per_s": round(res.tokens_scored / seconds, 1)}, stream.numel() // seqlen
 
 
-def _run_examples(lm: Any, task: Any, examples: list, batch_size: int, cond: Any, out: Any, advance) -> dict[str, Any]:
+def _run_examples(lm: Any, task: Any, examples: list, batch_size: int, cond: Any, out: Any, advance,
+                  max_tokens: int | None) -> dict[str, Any]:
     from rechannel.ops.evaluate import run_choice_task, run_qa_task
 
     if task.kind == "qa":
         run = run_qa_task(lm.model, lm.tokenizer, task.name, examples, batch_size, cond, advance)
     else:
-        run = run_choice_task(lm.model, lm.tokenizer, task.name, task.kind, examples, batch_size, cond, advance)
+        run = run_choice_task(lm.model, lm.tokenizer, task.name, task.kind, examples, batch_size, cond, advance,
+                              max_tokens)
     out.write_all(run.records)
     n = len(run.records)
     return {**run.metrics, "samples": n, "seconds": round(run.seconds, 2),
@@ -186,6 +189,7 @@ def eval_command(
     cond, bank_info = _conditioning(lm, prompts, route)
     if bank_info:
         extra["prompts"] = bank_info
+    token_budget = CPU_TOKENS if requested is None and lm.model.device.type == "cpu" else None
     results: dict[str, Any] = {}
     n_samples: dict[str, Any] = {}
     used_batch: dict[str, int] = {}
@@ -197,8 +201,10 @@ def eval_command(
             def run(b, task=task, data_in=data_in, job=job):
                 advance = lambda n: bar.advance(job, n)  # noqa: E731
                 if task.kind == "ppl":
-                    return _run_ppl(lm, task, data_in, seqlen, stride, limit, b, out, advance)
-                return _run_examples(lm, task, data_in[:limit] if limit else data_in, b, cond, out, advance)
+                    windows = max(1, min(b, token_budget // seqlen)) if token_budget else b
+                    return _run_ppl(lm, task, data_in, seqlen, stride, limit, windows, out, advance)
+                return _run_examples(lm, task, data_in[:limit] if limit else data_in, b, cond, out, advance,
+                                     token_budget)
 
             res, used_batch[task.name] = _with_batch_size(run, requested, str(lm.model.device))
             if task.kind == "ppl":

@@ -64,12 +64,13 @@ def _units(tokenizer: Any, examples: Sequence[ChoiceExample], cond: Conditioning
 
 
 def run_choice_task(model: nn.Module, tokenizer: Any, task: str, kind: str, examples: Sequence[ChoiceExample],
-                    batch_size: int, cond: Conditioning, on_progress: Progress | None = None) -> TaskRun:
+                    batch_size: int, cond: Conditioning, on_progress: Progress | None = None,
+                    max_tokens: int | None = None) -> TaskRun:
     """mc (acc, acc_norm), partial (acc) and lastword (acc = greedy, perplexity) tasks."""
     t0 = time.perf_counter()
     units, where = _units(tokenizer, examples, cond)
     scores = score_units(model, units, batch_size, cond.prompts, tokenizer.pad_token_id or 0,
-                         on_batch=None if on_progress is None else lambda n: on_progress(n))
+                         on_batch=on_progress, max_tokens=max_tokens)
     records = []
     for ex, slots in zip(examples, where, strict=True):
         picked = [scores[u][j] for u, j in slots]

@@ -182,14 +182,32 @@ def _score_group(decoder: nn.Module, model: nn.Module, cache, rows: list[tuple[i
         tails[r].append(pick)
 
 
+def _batches(units: Sequence[ScoreUnit], order: list[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Consecutive runs of `order` (longest first) of at most `batch_size` units and, with `max_tokens`, at
+    most that many padded prefix+suffix tokens (a single unit may exceed it alone)."""
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and (
+                max_tokens is None or (len(batches[-1]) + 1) * _length(units[batches[-1][0]]) <= max_tokens):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _length(unit: ScoreUnit) -> int:
+    return len(unit.prefix) + max(map(len, unit.suffixes))
+
+
 def score_units(model: nn.Module, units: Sequence[ScoreUnit], batch_size: int, prompts: torch.Tensor | None = None,
-                pad_id: int = 0, on_batch: Callable[[int], None] | None = None) -> list[list[ContinuationScore]]:
-    """Score all units, longest first in batches of `batch_size` (padding stays small; an out-of-memory
-    batch shows up first), returned in the input order."""
-    order = sorted(range(len(units)), key=lambda i: -(len(units[i].prefix) + max(map(len, units[i].suffixes))))
+                pad_id: int = 0, on_batch: Callable[[int], None] | None = None,
+                max_tokens: int | None = None) -> list[list[ContinuationScore]]:
+    """Score all units, longest first in batches of at most `batch_size` units (and `max_tokens` padded
+    tokens: on a CPU, long sequences run faster in small batches), returned in the input order. Longest
+    first keeps padding small and makes an oversized batch fail at once."""
+    order = sorted(range(len(units)), key=lambda i: -_length(units[i]))
     results: list[list[ContinuationScore] | None] = [None] * len(units)
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
+    for chunk in _batches(units, order, batch_size, max_tokens):
         for i, res in zip(chunk, score_batch(model, [units[i] for i in chunk], prompts, pad_id), strict=True):
             results[i] = res
         if on_batch:

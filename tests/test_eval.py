@@ -208,4 +208,4 @@ def test_auto_batch_size_halves_on_gpu_out_of_memory():
     assert _with_batch_size(run, None, "cuda:0") == ("ok", 16) and tried == [64, 32, 16]
     with pytest.raises(UserError, match="out of GPU memory at --batch-size 32"):
         _with_batch_size(run, 32, "cuda:0")
-    assert _with_batch_size(lambda b: b, None, "cpu") == (16, 16)
+    assert _with_batch_size(lambda b: b, None, "cpu") == (32, 32)
