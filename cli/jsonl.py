@@ -1,7 +1,7 @@
-"""JSON Lines in and out: `-` is stdin/stdout, unknown fields pass through, bad lines name file and line.
+"""JSON Lines and JSON out: `-` is stdout, files are written atomically. (Reading, with its `file:line`
+errors, is ops/records.py: task files are read in ops too.)
 
-Input is read and checked whole before a command starts computing, so a malformed line 900 stops the
-run before anything is written. Output goes through orjson; non-finite floats, which JSON cannot hold,
+Output goes through orjson; non-finite floats, which JSON cannot hold,
 are written as null (orjson's behaviour) and counted in one warning on stderr, so a NaN loss or an
 overflowed perplexity is never silently turned into a missing value.
 """
