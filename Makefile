@@ -102,7 +102,7 @@ $(HARNESS)/.installed: | install
 	test -x $(HARNESS)/bin/python || $(PYTHON) -m venv $(HARNESS)
 	$(HARNESS)/bin/python -m pip install -q --upgrade pip
 	$(HARNESS)/bin/python -m pip install -q "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__.split("+")[0])')"
-	$(HARNESS)/bin/python -m pip install -q "$(LM_EVAL)" "transformers==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')"
+	$(HARNESS)/bin/python -m pip install -q "$(LM_EVAL)" accelerate "transformers==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')"
 	touch $@
 
 bench-eval: install $(HARNESS)/.installed
