@@ -102,11 +102,15 @@ QA_MAX_NEW_TOKENS = 32
 @torch.inference_mode()
 def _generate_batch(model: nn.Module, tokenizer: Any, prompts_text: Sequence[str], cond: Conditioning,
                     rows: Sequence[int | None]) -> tuple[list[str], int]:
-    """Greedy completions of a left-padded batch, cut at the first newline; (texts, tokens generated)."""
+    """Greedy completions of a left-padded batch, cut at the first newline; (texts, prompt and generated
+    tokens)."""
     embed = model.get_input_embeddings()
     device = embed.weight.device
-    tokenizer.padding_side = "left"
-    enc = tokenizer(list(prompts_text), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens line up at the right edge
+    try:
+        enc = tokenizer(list(prompts_text), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side = side
     kwargs: dict[str, Any] = {"attention_mask": enc.attention_mask}
     if cond.prompts is not None:
         soft = cond.prompts[list(rows)].to(device, embed.weight.dtype)  # (B, P, d)
@@ -119,7 +123,7 @@ def _generate_batch(model: nn.Module, tokenizer: Any, prompts_text: Sequence[str
                          temperature=None, pad_token_id=tokenizer.pad_token_id, stop_strings=[QA_STOP],
                          tokenizer=tokenizer)
     new = out if cond.prompts is not None else out[:, enc.input_ids.shape[1]:]  # embeds: only new tokens come back
-    texts, generated = [], 0
+    texts, generated = [], int(enc.attention_mask.sum())
     for row in new.tolist():
         ids = [t for t in row if t != tokenizer.pad_token_id]
         generated += len(ids)
@@ -141,7 +145,7 @@ def run_qa_task(model: nn.Module, tokenizer: Any, task: str, examples: Sequence[
                                            [routes[i] for i in chunk])
         for i, text in zip(chunk, texts, strict=True):
             answers[i] = text
-        tokens += generated + sum(len(tokenizer(examples[i].prompt).input_ids) for i in chunk)
+        tokens += generated
         if on_progress:
             on_progress(len(chunk))
     records = []
