@@ -7,7 +7,7 @@ OUT    ?= demo-out
 TORCH_CPU ?= torch==2.13.0
 export RECHANNEL_CACHE ?= $(HOME)/.cache/rechannel
 
-.PHONY: install test demo prune-table eval-table bench bench-kernels bench-eval lint clean
+.PHONY: install test demo prune-table eval-table quant-table bench bench-kernels bench-eval lint clean
 .SECONDARY:  # keep the pruned model directories: they are intermediate targets of the eval files
 
 install: $(VENV)/.installed
@@ -85,12 +85,25 @@ pattern = $(if $(findstring 2of4,$*),--pattern 2:4,--sparsity 0.5)
 $(OUT)/%/config.json: $(OUT)/stats.safetensors
 	$(RC) compress --method $(method) $(pattern) $(if $(filter magnitude,$(method)),,--stats $< --sequential) --device $(DEVICE) -o $(OUT)/$* > $(OUT)/$*.report.json
 
+# Quantization: RTN and GPTQ at 8, 4, 3 and 2 bits, groups of 128 and one grid per row, packed files.
+# The same calibration windows and WikiText-2 windows as prune-table. About 35 minutes on 2 CPU cores.
+QUANT_BITS ?= 8 4 3 2
+QUANT_RUNS := $(foreach m,rtn gptq,$(foreach b,$(QUANT_BITS),$(m)-$(b)-g128 $(m)-$(b)-row))
+quant-table: install $(OUT)/dense.eval.json $(QUANT_RUNS:%=$(OUT)/%.eval.json)
+	@echo "== WikiText-2 perplexity and size on disk, quantized (packed), $(SEQLEN)-token windows$(if $(PPL_LIMIT), (first $(PPL_LIMIT))), calibration $(SAMPLES) x $(SEQLEN) C4 tokens, seed 0"
+	$(RC) table $(OUT)/dense.eval.json $(QUANT_RUNS:%=$(OUT)/%.eval.json) --metrics ppl,size
+	@$(RC) table $(OUT)/dense.eval.json $(QUANT_RUNS:%=$(OUT)/%.eval.json) --metrics ppl,size --markdown > $(OUT)/quant-table.md
+
+qword  = $(word $(1),$(subst -, ,$*))
+$(QUANT_RUNS:%=$(OUT)/%/config.json): $(OUT)/%/config.json: $(OUT)/stats.safetensors
+	$(RC) compress --method $(call qword,1) --bits $(call qword,2) --group-size $(if $(filter row,$(call qword,3)),-1,$(patsubst g%,%,$(call qword,3))) $(if $(filter gptq,$(call qword,1)),--stats $< --sequential) --device $(DEVICE) -o $(OUT)/$* > $(OUT)/$*.report.json
+
 bench: bench-kernels bench-eval
 
 # The Triton kernels against the torch path: needs a CUDA GPU, skipped (with a note) without one
 bench-kernels: install
 	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
-	  $(BIN)/python tests/bench/prune.py --out bench-latest.md; \
+	  $(BIN)/python tests/bench/prune.py --out bench-latest.md && $(BIN)/python tests/bench/quant.py --out bench-latest.md; \
 	else echo "bench-kernels: no CUDA GPU here, kernel benchmarks skipped"; fi
 
 # eval against lm-evaluation-harness (same model, data, templates and limit), in one run on this machine.

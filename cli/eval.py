@@ -217,6 +217,7 @@ def eval_command(
            "configs": {t.name: {"task": t.name, "kind": t.kind, "files": list(t.files), "template": t.template,
                                 "num_fewshot": 0} for t in chosen},
            "config": {"model": model, "model_path": str(lm.path), "fingerprint": lm.fingerprint,
+                      "model_bytes": sum(f.stat().st_size for f in lm.path.glob("*.safetensors")),
                       "rechannel": __version__, "tasks": [t.name for t in chosen], "data": data,
                       "data_dir": data_dir, "limit": limit, "batch_size": batch_size, "batch_size_used": used_batch,
                       "seqlen": seqlen, "stride": stride, "device": str(lm.model.device),

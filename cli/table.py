@@ -29,13 +29,27 @@ def _label(path: str, doc: dict[str, Any]) -> str:
     """What was evaluated: the compression (or dense), plus any adapter or prompt bank in use."""
     config = doc.get("config") or {}
     c = config.get("compression")
-    label = "dense" if not c else (
-        f"{c.get('method')} {c.get('pattern') if c.get('pattern') != 'unstructured' else format(c.get('sparsity'), '.0%')}")
+    label = "dense" if not c else _compression_label(c)
     if config.get("adapter"):
         label += f" + LoRA r={config['adapter'].get('rank')}"
     if (config.get("prompts") or {}).get("route", "none") != "none":
         label += f" + prompts {config['prompts']['route']}"
     return label
+
+
+def _compression_label(c: dict[str, Any]) -> str:
+    """'wanda 50%', 'sparsegpt 2:4', 'gptq 4-bit g128', 'rtn 3-bit row', 'sparsegpt 50% + 4-bit g128'."""
+    q = c.get("quantization")
+    parts = []
+    if c.get("method") not in ("rtn", "gptq"):
+        amount = c.get("pattern") if c.get("pattern") != "unstructured" else format(c.get("sparsity"), ".0%")
+        parts.append(f"{c.get('method')} {amount}")
+    if q:
+        group = "row" if q.get("group_size") == -1 else f"g{q.get('group_size')}"
+        extra = " act-order" if q.get("act_order") else ""
+        name = f"{c.get('method')} " if c.get("method") in ("rtn", "gptq") else ""
+        parts.append(f"{name}{q.get('bits')}-bit {group}{extra}")
+    return " + ".join(parts)
 
 
 def _rows(paths: list[str], metrics: set[str] | None) -> tuple[list[str], list[dict[str, Any]]]:
@@ -48,9 +62,13 @@ def _rows(paths: list[str], metrics: set[str] | None) -> tuple[list[str], list[d
                 if (metric.endswith(",none") and "stderr" not in metric and name != "nll"
                         and (metrics is None or name in metrics) and f"{task} {name}" not in columns):
                     columns.append(f"{task} {name}")
+    if (metrics is None or "size" in metrics) and any("model_bytes" in (d.get("config") or {}) for _, d in docs):
+        columns.insert(0, "size MB")
     rows = []
     for p, d in docs:
         row = {"run": _label(p, d), "file": p}
+        if "model_bytes" in (d.get("config") or {}):
+            row["size MB"] = round(d["config"]["model_bytes"] / 1e6, 1)
         for task, m in d["results"].items():
             for metric, v in m.items():
                 if f"{task} {metric.split(',')[0]}" in columns:

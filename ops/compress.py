@@ -1,4 +1,9 @@
-"""The pruning driver: which statistics each method needs, the sequential protocol, the per-layer report.
+"""The compression driver: which statistics each method needs, the sequential protocol, the per-layer report.
+
+Methods: magnitude, wanda and sparsegpt prune; rtn and gptq quantize; sparsegpt with `quant` does both
+jointly (SparseGPT's own joint mode), and magnitude or wanda with `quant` round the pruned weights to
+nearest (zero is a grid point, so pruned weights stay zero). A quantized layer's weight is replaced by its
+de-quantized value at once, so later blocks are calibrated on what the packed model will compute.
 
 Sequential (the reference protocol for Wanda and SparseGPT): for each block, collect the statistics of its
 Linear inputs from the outputs of the already-pruned blocks before it, prune every target layer, then run
@@ -20,13 +25,17 @@ from torch import nn
 from rechannel.ops.blocks import BlockInputs, capture_first_inputs, decoder_blocks, run_block
 from rechannel.ops.calibration import LayerStats, collect_block_stats, select_targets
 from rechannel.ops.prune import Pattern, check_pattern, select_mask, sparsegpt
+from rechannel.ops.quant import QuantizedWeight, QuantSpec, gptq, rtn
+
+PRUNERS = ("magnitude", "wanda", "sparsegpt")
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: str  # magnitude | wanda | sparsegpt
-    sparsity: float
+    method: str  # magnitude | wanda | sparsegpt | rtn | gptq
+    sparsity: float  # 0 for rtn and gptq
     pattern: Pattern
+    quant: QuantSpec | None = None
     targets: str = r"(self_attn|mlp)\."
     blocksize: int = 128
     percdamp: float = 0.01
@@ -40,13 +49,14 @@ class LayerReport:
     shape: tuple[int, int]
     sparsity: float  # achieved: zeros / entries
     rel_error: float | None  # ||WX - W'X|| / ||WX|| on calibration inputs, None without data
-    damping: float | None = None  # SparseGPT only
+    damping: float | None = None  # SparseGPT and GPTQ only
     seconds: float = 0.0
 
 
 @dataclass
 class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # module name -> codes, for packing
 
     def totals(self) -> dict[str, Any]:
         entries = sum(r.shape[0] * r.shape[1] for r in self.layers)
@@ -60,26 +70,42 @@ class PruneReport:
 
 
 def needs_hessian(method: str) -> bool:
-    return method == "sparsegpt"
+    return method in ("sparsegpt", "gptq")
 
 
-def prune_layer(layer: nn.Linear, stats: LayerStats | None, cfg: PruneConfig, name: str) -> LayerReport:
-    """Prune one Linear in place from its input statistics (None is fine for magnitude)."""
+def needs_data(method: str) -> bool:
+    return method in ("wanda", "sparsegpt", "gptq")
+
+
+def prune_layer(layer: nn.Linear, stats: LayerStats | None, cfg: PruneConfig,
+                name: str) -> tuple[LayerReport, QuantizedWeight | None]:
+    """Compress one Linear in place from its input statistics (None is fine for magnitude and rtn)."""
     t0 = time.perf_counter()
     w = layer.weight.data
-    check_pattern(cfg.pattern, w.shape[1], name)
-    damping = None
+    if cfg.method in PRUNERS:
+        check_pattern(cfg.pattern, w.shape[1], name)
+    damping, qw = None, None
     if cfg.method == "sparsegpt":
-        new_w, mask, obs = sparsegpt(w, stats.scaled_hessian().to(w.device), cfg.sparsity, cfg.pattern,
-                                     cfg.blocksize, cfg.percdamp)
+        new_w, mask, obs, qw = sparsegpt(w, stats.scaled_hessian().to(w.device), cfg.sparsity, cfg.pattern,
+                                         cfg.blocksize, cfg.percdamp, cfg.quant)
         w.copy_(new_w.to(w.dtype))
         damping = obs.damping
+    elif cfg.method == "gptq":
+        qw, obs, new_w = gptq(w, stats.scaled_hessian().to(w.device), cfg.quant, cfg.blocksize, cfg.percdamp)
+        w.copy_(new_w.to(w.dtype))
+        damping = obs.damping
+    elif cfg.method == "rtn":
+        qw = rtn(w, cfg.quant)
+        w.copy_(qw.dequantize(w.dtype))
     else:
         scale = stats.norms().to(w.device) if cfg.method == "wanda" else None
         mask = select_mask(w, scale, cfg.sparsity, cfg.pattern)
         w.masked_fill_(mask, 0)
+        if cfg.quant is not None:
+            qw = rtn(w, cfg.quant)
+            w.copy_(qw.dequantize(w.dtype))
     achieved = (w == 0).float().mean().item()
-    return LayerReport(name, tuple(w.shape), achieved, None, damping, time.perf_counter() - t0)
+    return LayerReport(name, tuple(w.shape), achieved, None, damping, time.perf_counter() - t0), qw
 
 
 class _ErrorMeter:
@@ -123,11 +149,15 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor, cfg: PruneConfig,
     """The reference protocol: block by block, statistics from the already-pruned model's activations."""
     inputs = capture_first_inputs(model, windows, cfg.batch_size)
     report = PruneReport()
+    paths = _module_paths(model)
     for i, block in enumerate(decoder_blocks(model)):
         layers = select_targets(block, cfg.targets)
         stats, _ = collect_block_stats(block, inputs, layers, needs_hessian(cfg.method), need_outputs=False)
         dense = {n: layer.weight.data.clone() for n, layer in layers.items()}
-        reports = {n: prune_layer(layer, stats[n], cfg, f"layers.{i}.{n}") for n, layer in layers.items()}
+        reports = {}
+        for n, layer in layers.items():
+            reports[n], qw = prune_layer(layer, stats[n], cfg, f"layers.{i}.{n}")
+            _keep(report, paths[id(layer)], qw)
         del stats
         inputs, errors = _run_measuring(block, inputs, dense, layers, cfg.error_tokens)
         for n, r in reports.items():
@@ -151,15 +181,38 @@ def prune_one_shot(model: nn.Module, stats: dict[str, LayerStats], cfg: PruneCon
                    on_block: Callable[[int], None] | None = None) -> PruneReport:
     """Every layer from dense statistics (or none, for magnitude); no forward pass."""
     report = PruneReport()
+    paths = _module_paths(model)
     for i, block in enumerate(decoder_blocks(model)):
         for n, layer in select_targets(block, cfg.targets).items():
             key = f"layers.{i}.{n}"
             s = stats.get(key)
             dense = layer.weight.data.clone() if s is not None and s.hessian is not None else None
-            r = prune_layer(layer, s, cfg, key)
+            r, qw = prune_layer(layer, s, cfg, key)
+            _keep(report, paths[id(layer)], qw)
             if dense is not None:
                 r.rel_error = hessian_error(dense, layer.weight.data, s.scaled_hessian().to(dense.device))
             report.layers.append(r)
         if on_block:
             on_block(i)
     return report
+
+
+def _module_paths(model: nn.Module) -> dict[int, str]:
+    """id(module) -> its dotted name in the model: the names the packed file's tensors carry."""
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def _keep(report: PruneReport, name: str, qw: QuantizedWeight | None) -> None:
+    """Keep a layer's codes off the GPU, already packed in spirit: uint8 codes, float16 grid."""
+    if qw is not None:
+        report.quantized[name] = QuantizedWeight(qw.codes.cpu(), qw.scales.cpu(), qw.zeros.cpu(),
+                                                 None if qw.g_idx is None else qw.g_idx.cpu(), qw.bits,
+                                                 qw.group_width)
+
+
+def write_stored_weights(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+    """Give every quantized layer the weight its stored codes and float16 scales stand for, so a dense
+    export equals the packed file (GPTQ's loop ran on float32 scales)."""
+    for name, qw in quantized.items():
+        w = model.get_submodule(name).weight
+        w.data.copy_(qw.dequantize(w.dtype).to(w.device))

@@ -188,11 +188,17 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     torch_dtype = resolve_dtype(dtype, device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rechannel.ops.qlinear import load_packed, packed_entry
+
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, local_files_only=True, use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-    ).to(device)
+    packed = packed_entry(path)
+    if packed is not None:
+        model = load_packed(path, packed, torch_dtype, device, trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, local_files_only=True, use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        ).to(device)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:

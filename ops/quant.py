@@ -4,9 +4,11 @@ The grid is GPTQ's: per output row (one group per row) or per group of `group_si
 columns, xmin = min(x, 0) and xmax = max(x, 0); asymmetric: scale = (xmax - xmin) / maxq, zero =
 round(-xmin / scale); symmetric: xmax = max(|xmin|, xmax), xmin = -xmax, zero = (maxq + 1) / 2. A weight
 is stored as the code q = clamp(round(w / scale) + zero, 0, maxq) and read back as scale * (q - zero).
-Scales are stored in float16, so they are rounded to float16 the moment they are chosen: every later
-step (GPTQ's error feedback included) then sees exactly the weights the packed file will give back, and
-a packed model equals its dense export.
+Scales are stored in float16. RTN rounds a scale to float16 the moment it is chosen, so its codes are the
+nearest ones on the stored grid. GPTQ, like the reference code, runs its column loop on float32 scales
+and stores them rounded afterwards (a relative change of at most 2^-11 in each weight): its codes are
+then exactly the reference's. Either way a packed model equals its dense export, which is written from
+the stored codes and scales.
 
 Packed layout: the codes of one output row form a little-endian bit stream (code k occupies bits
 k*bits .. k*bits + bits - 1; bit i of the stream is bit i % 8 of byte i // 8), padded to a whole byte.
@@ -28,7 +30,8 @@ METHODS = ("rtn", "gptq")
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How weights are quantized. group_size -1: one group per output row."""
+    """How weights are quantized. group_size -1: one group per output row. A group size that does not divide
+    a layer's width leaves a shorter last group, as the reference GPTQ code does (SmolLM2's width is 576)."""
 
     bits: int = 4
     group_size: int = 128
@@ -59,16 +62,12 @@ def check_spec(spec: QuantSpec) -> None:
         raise UserError("--static-groups only matters with --act-order")
 
 
-def check_layer(spec: QuantSpec, in_features: int, layer: str) -> None:
-    if spec.group_size != -1 and in_features % spec.group_size:
-        raise UserError(f"--group-size {spec.group_size} does not divide the input width {in_features} of {layer}")
-
-
 # ---- the grid ------------------------------------------------------------------------------------
 
 
-def find_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) of the min-max grid over x (R, c); scale already rounded to float16. (R,), (R,)"""
+def find_grid(x: torch.Tensor, bits: int, sym: bool, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) of the min-max grid over x (R, c), the scale rounded to float16 unless `exact`.
+    (R,), (R,)"""
     maxq = 2**bits - 1
     zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     xmin = torch.minimum(x.min(dim=1).values, zeros)
@@ -79,7 +78,9 @@ def find_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torc
     flat = (xmin == 0) & (xmax == 0)
     xmin = torch.where(flat, -1.0, xmin)
     xmax = torch.where(flat, 1.0, xmax)
-    scale = ((xmax - xmin) / maxq).to(torch.float16).clamp_min(2**-24).to(x.dtype)
+    scale = (xmax - xmin) / maxq
+    if not exact:
+        scale = scale.to(torch.float16).clamp_min(2**-24).to(x.dtype)
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
     return scale, zero
 
@@ -133,6 +134,12 @@ def _group_columns(spec: QuantSpec, cols: int) -> list[tuple[int, int]]:
 
 def rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round to nearest on the min-max grid of every (row, group)."""
+    if use_triton(weight):
+        from rechannel.triton_kernels.quant import rtn_pack, unpack
+
+        packed, scales, zeros = rtn_pack(weight.detach(), spec.bits, spec.group_size, spec.sym)
+        cols = weight.shape[1]
+        return QuantizedWeight(unpack(packed, spec.bits, cols), scales, zeros, None, spec.bits, spec.width(cols))
     w = weight.detach().float()  # (R, C)
     codes = torch.empty_like(w, dtype=torch.uint8)
     scales, zeros = [], []
@@ -154,7 +161,7 @@ class GptqReport:
     retries: int
 
 
-class _Grids:
+class Grids:
     """The grid each column is quantized on, found the way the published GPTQ code finds it.
 
     Per row: once, from the whole weight before dead inputs are zeroed. Groups: when the column loop
@@ -165,10 +172,10 @@ class _Grids:
 
     def __init__(self, w_before: torch.Tensor, spec: QuantSpec, perm: torch.Tensor | None) -> None:
         self.spec = spec
-        self.perm = perm
+        self.perm = None if perm is None else perm.tolist()  # read per column: keep it off the GPU
         cols = w_before.shape[1]
         self.width = spec.width(cols)
-        self.grid_of_col = torch.empty(cols, dtype=torch.long)  # position in the loop -> grid index
+        self.grid_of_col = [0] * cols  # loop position -> grid index
         self.scales: list[torch.Tensor] = []
         self.zeros: list[torch.Tensor] = []
         if spec.group_size == -1 or spec.static_groups:
@@ -176,7 +183,7 @@ class _Grids:
                 self._add(w_before[:, a:b])
 
     def _add(self, x: torch.Tensor) -> None:
-        scale, zero = find_grid(x, self.spec.bits, self.spec.sym)
+        scale, zero = find_grid(x, self.spec.bits, self.spec.sym, exact=True)
         self.scales.append(scale)
         self.zeros.append(zero)
 
@@ -185,7 +192,7 @@ class _Grids:
         if self.spec.group_size == -1:
             index = 0
         elif self.spec.static_groups:
-            col = int(self.perm[pos]) if self.perm is not None else pos
+            col = self.perm[pos] if self.perm is not None else pos
             index = col // self.width
         else:
             if pos % self.width == 0:
@@ -201,11 +208,13 @@ def _damped_inverse_factor(h: torch.Tensor, percdamp: float) -> tuple[torch.Tens
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, blocksize: int = 128,
-         percdamp: float = 0.01) -> tuple[QuantizedWeight, GptqReport]:
+         percdamp: float = 0.01) -> tuple[QuantizedWeight, GptqReport, torch.Tensor]:
     """GPTQ (Frantar et al. 2023) on one layer: quantize columns in order (by decreasing diag H with
     act-order), spreading each column's error over the columns not yet quantized through the upper
     Cholesky factor of (H + lambda I)^-1, in blocks of `blocksize` columns with lazy updates between
-    blocks. Runs in the weight's dtype when it is float64 (tests), else float32."""
+    blocks. Runs in the weight's dtype when it is float64 (tests), else float32. Returns the codes, the
+    report and the quantized weight on the float32 grid the loop used (R, C): what the reference code leaves
+    in the model for the next blocks' calibration."""
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(dtype).clone()  # (R, C)
     h = hessian.to(dtype).clone()  # (C, C)
@@ -218,17 +227,19 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, blocksize
     if spec.act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    grids = _Grids(w_before if spec.group_size == -1 else w_before * ~dead, spec, perm)
+    grids = Grids(w_before if spec.group_size == -1 else w_before * ~dead, spec, perm)
     hinv, report = _damped_inverse_factor(h, percdamp)
     codes = torch.empty((rows, cols), dtype=torch.uint8, device=w.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         err = _gptq_block(w, hinv, codes, grids, i1, i2)  # quantizes w[:, i1:i2] in place
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
-    return _stored(codes, grids, perm, spec, cols), report
+    if perm is not None:
+        w = w[:, torch.argsort(perm)]
+    return stored_codes(codes, grids, perm, spec, cols), report, w
 
 
-def _gptq_block(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, grids: _Grids, i1: int,
+def _gptq_block(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, grids: Grids, i1: int,
                 i2: int) -> torch.Tensor:
     """Quantize columns i1:i2 one by one, updating the rest of the block. Returns the errors (R, i2-i1).
 
@@ -267,16 +278,16 @@ def _gptq_block_torch(w1: torch.Tensor, h1: torch.Tensor, scale: torch.Tensor, z
     return codes, err
 
 
-def _stored(codes: torch.Tensor, grids: _Grids, perm: torch.Tensor | None, spec: QuantSpec,
+def stored_codes(codes: torch.Tensor, grids: Grids, perm: torch.Tensor | None, spec: QuantSpec,
             cols: int) -> QuantizedWeight:
     """Back to the original column order; a g_idx only when act-order without static groups needs one."""
     scales = torch.stack(grids.scales, 1).half()
     zeros = torch.stack(grids.zeros, 1).to(torch.uint8)
-    grid_of_col = grids.grid_of_col
+    grid_of_col = torch.tensor(grids.grid_of_col, dtype=torch.long, device=codes.device)
     if perm is not None:
         inv = torch.argsort(perm)
         codes = codes[:, inv]
-        grid_of_col = grid_of_col[inv.cpu()]
+        grid_of_col = grid_of_col[inv]
     g_idx = None
     if spec.act_order and not spec.static_groups and spec.group_size != -1:
         g_idx = grid_of_col.to(torch.int32)
@@ -292,20 +303,25 @@ def packed_width(cols: int, bits: int) -> int:
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(R, C) uint8 codes < 2**bits -> (R, packed_width(C, bits)) uint8, one bit stream per row."""
+    """(R, C) uint8 codes < 2**bits -> (R, packed_width(C, bits)) uint8, one bit stream per row.
+
+    Eight codes fill exactly `bits` bytes, so the row is cut into runs of eight, each run's codes are
+    OR-ed into one 64-bit word, and the word's low `bits` bytes are the run's bytes."""
     rows, cols = codes.shape
-    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
-    stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(rows, cols * bits)  # (R, C*bits)
-    pad = packed_width(cols, bits) * 8 - cols * bits
-    stream = torch.nn.functional.pad(stream, (0, pad)).reshape(rows, -1, 8)  # (R, bytes, 8)
-    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32)).view(1, 1, 8)
-    return (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    runs = -(-cols // 8)
+    padded = torch.nn.functional.pad(codes, (0, runs * 8 - cols)).to(torch.int64).view(rows, runs, 8)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    word = (padded << shifts).sum(-1, keepdim=True)  # (R, runs, 1): disjoint bits, so the sum is an OR
+    out = (word >> torch.arange(0, 8 * bits, 8, device=codes.device)) & 0xFF  # (R, runs, bits)
+    return out.to(torch.uint8).view(rows, runs * bits)[:, :packed_width(cols, bits)]
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """The inverse of pack_rows: (R, bytes) uint8 -> (R, cols) uint8."""
     rows = packed.shape[0]
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)[:, : cols * bits]  # (R, C*bits)
-    weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32)).view(1, 1, bits)
-    return (stream.reshape(rows, cols, bits).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    runs = -(-cols // 8)
+    padded = torch.nn.functional.pad(packed, (0, runs * bits - packed.shape[1])).to(torch.int64)
+    shifts = torch.arange(0, 8 * bits, 8, device=packed.device)
+    word = (padded.view(rows, runs, bits) << shifts).sum(-1, keepdim=True)  # (R, runs, 1)
+    codes = (word >> (torch.arange(8, device=packed.device) * bits)) & (2**bits - 1)  # (R, runs, 8)
+    return codes.to(torch.uint8).view(rows, runs * 8)[:, :cols]

@@ -9,7 +9,6 @@ import torch
 from rechannel.ops.errors import UserError
 from rechannel.ops.quant import (
     QuantSpec,
-    check_layer,
     check_spec,
     find_grid,
     gptq,
@@ -59,19 +58,20 @@ def test_pack_bit_order():
     assert pack_rows(codes, 3).tolist() == [[stream & 0xFF, (stream >> 8) & 0xFF, stream >> 16]]
 
 
-@pytest.mark.parametrize("group", [-1, 4])
+@pytest.mark.parametrize("group", [-1, 4, 6])
 def test_rtn_groups_match_per_group_grid(group):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(6, 16, generator=g)
     qw = rtn(w, QuantSpec(bits=3, group_size=group))
     width = 16 if group == -1 else group
+    assert qw.scales.shape == (6, -(-16 // width))
     for a in range(0, 16, width):
         scale, zero = find_grid(w[:, a:a + width].double(), 3, False)
         want = scale[:, None] * (torch.clamp(torch.round(w[:, a:a + width].double() / scale[:, None]) + zero[:, None], 0, 7)
                                  - zero[:, None])
         torch.testing.assert_close(qw.dequantize()[:, a:a + width].double(), want, rtol=0, atol=1e-6)
     err = (qw.dequantize() - w).abs()
-    assert torch.all(err <= qw.scales.float().repeat_interleave(width, 1) / 2 + 1e-6)  # nothing clipped
+    assert torch.all(err <= qw.scales.float().repeat_interleave(width, 1)[:, :16] / 2 + 1e-6)  # nothing clipped
 
 
 def reference_gptq(w, h, spec, percdamp=0.01):
@@ -79,12 +79,12 @@ def reference_gptq(w, h, spec, percdamp=0.01):
     w = w.double().clone()
     h = h.double().clone()
     cols = w.shape[1]
-    per_row = find_grid(w, spec.bits, spec.sym) if spec.group_size == -1 else None
+    per_row = find_grid(w, spec.bits, spec.sym, exact=True) if spec.group_size == -1 else None
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
     width = cols if spec.group_size == -1 else spec.group_size
-    static = [find_grid(w[:, a:a + width], spec.bits, spec.sym) for a in range(0, cols, width)]
+    static = [find_grid(w[:, a:a + width], spec.bits, spec.sym, exact=True) for a in range(0, cols, width)]
     perm = torch.argsort(torch.diag(h), descending=True) if spec.act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
     h += torch.eye(cols, dtype=torch.float64) * percdamp * torch.diag(h).mean()
@@ -96,13 +96,13 @@ def reference_gptq(w, h, spec, percdamp=0.01):
             if spec.static_groups:
                 grid = static[int(perm[i]) // width]
             elif i % width == 0:
-                grid = find_grid(w[:, i:i + width], spec.bits, spec.sym)
+                grid = find_grid(w[:, i:i + width], spec.bits, spec.sym, exact=True)
         scale, zero = grid
         q = scale * (torch.clamp(torch.round(w[:, i] / scale) + zero, 0, spec.maxq) - zero)
         err = (w[:, i] - q) / u[i, i]
         w[:, i:] -= err[:, None] * u[i, i:][None, :]
         out[:, i] = q
-    return out[:, torch.argsort(perm)]
+    return out[:, torch.argsort(perm)]  # on the float32 (here float64) grid the loop used
 
 
 def _problem(rows, cols, tokens, seed):
@@ -115,15 +115,17 @@ def _problem(rows, cols, tokens, seed):
 @pytest.mark.parametrize("spec, blocksize", [
     (QuantSpec(4, -1), 16), (QuantSpec(3, 16), 16), (QuantSpec(2, 32, sym=True), 16),
     (QuantSpec(4, 16, act_order=True), 8), (QuantSpec(3, 16, act_order=True, static_groups=True), 16),
-    (QuantSpec(8, -1, act_order=True), 128),
+    (QuantSpec(8, -1, act_order=True), 128), (QuantSpec(4, 48), 16),  # 64 = 48 + a shorter last group
 ])
 def test_gptq_matches_float64_reference(spec, blocksize):
     w, h = _problem(10, 64, 300, seed=spec.bits)
-    qw, report = gptq(w, h, spec, blocksize)
+    qw, report, got = gptq(w, h, spec, blocksize)
     ref = reference_gptq(w, h, spec)
-    got = qw.dequantize(torch.float64)
-    assert (got != ref).float().mean() < 0.01  # the odd rounding tie may flip between the two orders
+    # lazy and immediate updates round differently: a code may flip on a near-tie, all else agrees closely
+    assert ((got - ref).abs() > 1e-9).float().mean() < 0.01
     torch.testing.assert_close(got, ref, rtol=0, atol=float(qw.scales.max()) * 1.01)
+    # the stored codes and float16 scales give the loop's weights back to float16 precision
+    torch.testing.assert_close(qw.dequantize(torch.float64), got, rtol=2**-10, atol=1e-12)
     assert report.retries == 0 and torch.all(got[:, 3] == 0)
     assert (qw.g_idx is not None) == (spec.act_order and not spec.static_groups and spec.group_size != -1)
 
@@ -143,5 +145,3 @@ def test_bad_specs():
         check_spec(QuantSpec(bits=5))
     with pytest.raises(UserError, match="positive group size"):
         check_spec(QuantSpec(group_size=0))
-    with pytest.raises(UserError, match="does not divide the input width 100 of layers.0.q"):
-        check_layer(QuantSpec(group_size=128), 100, "layers.0.q")

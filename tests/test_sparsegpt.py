@@ -49,7 +49,7 @@ def _problem(rows, cols, tokens, seed):
 ])
 def test_matches_float64_reference(rows, cols, blocksize, pattern):
     w, h = _problem(rows, cols, 200, seed=cols)
-    got, mask, report = sparsegpt(w, h, 0.5, pattern, blocksize)
+    got, mask, report, _ = sparsegpt(w, h, 0.5, pattern, blocksize)
     ref, ref_mask = reference_sparsegpt(w, h, 0.5, pattern.n, pattern.m, blocksize)
     assert torch.equal(mask, ref_mask)
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
@@ -63,7 +63,7 @@ def test_update_lowers_the_output_error_below_plain_masking():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(400, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.1 * torch.randn(400, 64, generator=g)
     w, h = torch.randn(16, 64, generator=g), 2 * x.t() @ x / 400
-    pruned, mask, _ = sparsegpt(w, h, 0.5, Pattern(), 32)
+    pruned, mask, _, _ = sparsegpt(w, h, 0.5, Pattern(), 32)
     masked = w.masked_fill(mask, 0)
     err = lambda v: ((w - v) @ h * (w - v)).sum()  # noqa: E731
     assert err(pruned) < 0.5 * err(masked)
@@ -73,7 +73,7 @@ def test_dead_inputs_are_zeroed():
     w, h = _problem(8, 24, 100, seed=2)
     h[3, :] = 0
     h[:, 3] = 0
-    got, _, _ = sparsegpt(w, h, 0.5, Pattern(), 8)
+    got, _, _, _ = sparsegpt(w, h, 0.5, Pattern(), 8)
     assert torch.all(got[:, 3] == 0)
 
 

@@ -1,0 +1,152 @@
+"""Quantized models end to end on a tiny Llama: packed files, loading them, the CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_docs, run_cli
+from rechannel.ops.blocks import decoder_blocks, linear_layers
+from rechannel.ops.calibration import draw_windows, new_stats
+from rechannel.ops.compress import PruneConfig, prune_sequential
+from rechannel.ops.models import load_model
+from rechannel.ops.prune import Pattern, sparsegpt
+from rechannel.ops.qlinear import PACKED_FILE, QuantLinear
+from rechannel.ops.quant import QuantSpec, gptq, rtn
+
+
+def _logits(lm, ids):
+    with torch.no_grad():
+        return lm.model(ids).logits.double()
+
+
+@pytest.fixture(scope="module")
+def packed_and_dense(tiny_model, docs_file, tmp_path_factory):
+    """GPTQ 3-bit, groups of 16, act-order: written packed and dense from the same run's settings."""
+    out = tmp_path_factory.mktemp("q")
+    common = ["compress", "--model", str(tiny_model), "--method", "gptq", "--bits", "3", "--group-size", "16",
+              "--act-order", "--calib", str(docs_file), "--samples", "6", "--seqlen", "32"]
+    reports = {}
+    for fmt in ("packed", "dense"):
+        r = run_cli(*common, "--format", fmt, "-o", str(out / fmt))
+        assert r.returncode == 0, r.stderr
+        reports[fmt] = json.loads(r.stdout)
+    return out, reports
+
+
+def test_packed_model_equals_its_dense_export(packed_and_dense, tiny_model):
+    out, reports = packed_and_dense
+    assert (out / "packed" / PACKED_FILE).is_file() and not (out / "packed" / "model.safetensors").exists()
+    packed = load_model(str(out / "packed"), device="cpu")
+    dense = load_model(str(out / "dense"), device="cpu")
+    quantized = [m for m in packed.model.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 14 and all(m.g_idx is not None and m.bits == 3 for m in quantized)
+    ids = torch.randint(0, 300, (2, 24))
+    a, b = _logits(packed, ids), _logits(dense, ids)
+    # the packed file keeps embeddings and norms in float16: the logits agree to float16 precision
+    assert (a - b).abs().max() < 2e-3 * b.abs().max()
+    # every packed weight equals the dense export's weight up to float32 rounding of the same value
+    for name, m in packed.model.named_modules():
+        if isinstance(m, QuantLinear):
+            torch.testing.assert_close(m.dequantize(), dense.model.get_submodule(name).weight, rtol=0, atol=0)
+    assert reports["packed"]["totals"]["layers"] == 14
+    assert reports["packed"]["quantization"] == {"bits": 3, "group_size": 16, "sym": False, "act_order": True,
+                                                 "static_groups": False, "format": "packed"}
+
+
+def test_plain_transformers_refuses_the_packed_directory(packed_and_dense):
+    from transformers import AutoModelForCausalLM
+
+    out, _ = packed_and_dense
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(out / "packed", local_files_only=True)
+    AutoModelForCausalLM.from_pretrained(out / "dense", local_files_only=True)  # the dense export loads
+
+
+def test_packed_file_is_smaller(tiny_model, tmp_path):
+    from safetensors import safe_open
+
+    r = run_cli("compress", "--model", str(tiny_model), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                "-o", str(tmp_path / "rtn4"))
+    assert r.returncode == 0, r.stderr
+    totals = json.loads(r.stdout)["totals"]
+    packed = load_model(str(tmp_path / "rtn4"), device="cpu")
+    layers = [m for m in packed.model.modules() if isinstance(m, QuantLinear)]
+    linear = sum(m.in_features * m.out_features for m in layers)
+    grids = sum(m.out_features * -(-m.in_features // 32) for m in layers)  # a shorter last group counts too
+    with safe_open(str(tmp_path / "rtn4" / PACKED_FILE), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert {t.dtype for k, t in tensors.items() if k.endswith(".qweight") or k.endswith(".qzeros")} == {torch.uint8}
+    assert {t.dtype for k, t in tensors.items() if not k.endswith((".qweight", ".qzeros"))} == {torch.float16}
+    other = sum(t.numel() for k, t in tensors.items() if not k.endswith((".qweight", ".scales", ".qzeros")))
+    # 4-bit codes: half a byte per weight, plus a float16 scale and a uint8 zero per 32 weights; the rest fp16
+    want = linear // 2 + grids * 3 + 2 * other
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == want
+    assert want < totals["bytes"] < want + 20_000  # plus the safetensors header
+    assert totals["quantized_parameters"] == linear
+
+
+def test_quantlinear_forward_equals_linear_on_its_weight():
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(24, 40, generator=g), torch.randn(24, generator=g), torch.randn(3, 5, 40, generator=g)
+    qw = rtn(w, QuantSpec(bits=3, group_size=16))  # 40 = 16 + 16 + a shorter last group of 8
+    layer = QuantLinear.from_quantized(qw, b)
+    assert layer.scales.shape == (24, 3)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, qw.dequantize(), b))
+    assert torch.equal(layer.quantized().codes, qw.codes)
+
+
+def test_sequential_gptq_quantizes_each_block_on_quantized_inputs(tiny_model):
+    """The driver against a plain loop: block by block, H from the already-quantized model's activations."""
+    ours = load_model(str(tiny_model), device="cpu")
+    ref = load_model(str(tiny_model), device="cpu")
+    windows = draw_windows(make_docs(), ours.tokenizer, 4, 32, 0)
+    spec = QuantSpec(4, 16)
+    report = prune_sequential(ours.model, windows, PruneConfig("gptq", 0.0, Pattern(), spec, batch_size=4))
+    for block in decoder_blocks(ref.model):
+        layers = linear_layers(block)
+        stats = {n: new_stats(m, hessian=True) for n, m in layers.items()}
+        hooks = [m.register_forward_pre_hook(lambda mod, a, s=stats[n]: s.add(a[0])) for n, m in layers.items()]
+        with torch.no_grad():
+            ref.model(windows)
+        for h in hooks:
+            h.remove()
+        for n, m in layers.items():
+            m.weight.data = gptq(m.weight.data, stats[n].scaled_hessian(), spec)[2]
+    for (name, a), (_, b) in zip(ours.model.named_parameters(), ref.model.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert len(report.quantized) == 14 and all(0 < r.rel_error < 1 for r in report.layers)
+
+
+def test_joint_sparsegpt_quantization_keeps_pruned_weights_at_zero():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    w, h = torch.randn(16, 32, generator=g), 2 * x.t() @ x / 300
+    new_w, mask, _, qw = sparsegpt(w, h, 0.5, Pattern(2, 4), 16, quant=QuantSpec(4, 16))
+    assert torch.all(new_w[mask] == 0) and torch.all(mask.view(16, -1, 4).sum(2) == 2)
+    torch.testing.assert_close(qw.dequantize(), new_w, rtol=2**-10, atol=0)  # the codes, on float16 scales
+    assert torch.all(qw.dequantize()[mask] == 0)
+    pruned_only, mask_only, _, none = sparsegpt(w, h, 0.5, Pattern(2, 4), 16)
+    assert none is None and not torch.equal(pruned_only, new_w)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "rtn", "--bits", "5"], "--bits 5: supported bit widths are 2, 3, 4, 8"),
+    (["--method", "rtn", "--bits", "4", "--group-size", "0"], "--group-size 0"),
+    (["--method", "gptq", "--bits", "4"], "--method gptq needs calibration data"),
+    (["--method", "rtn", "--bits", "4", "--act-order"], "--act-order orders GPTQ's columns"),
+    (["--method", "gptq"], "--method gptq quantizes: give --bits"),
+    (["--method", "wanda", "--format", "packed", "--calib", "x.jsonl"], "--format packed needs --bits"),
+    (["--method", "rtn", "--bits", "4", "--format", "gguf"], "unknown format 'gguf'"),
+    (["--method", "gptq", "--bits", "4", "--sparsity", "0.5"], "does not prune"),
+    (["--method", "rtn", "--bits", "4", "--static-groups"], "--static-groups only matters with --act-order"),
+])
+def test_bad_quantization_options(tiny_model, tmp_path, args, message):
+    out = tmp_path / "out"
+    r = run_cli("compress", "--model", str(tiny_model), *args, "-o", str(out))
+    assert r.returncode == 1
+    err = r.stderr.decode() if isinstance(r.stderr, bytes) else r.stderr
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
