@@ -87,8 +87,9 @@ $(OUT)/%/config.json: $(OUT)/stats.safetensors
 
 # Quantization: RTN and GPTQ at 8, 4, 3 and 2 bits, groups of 128 and one grid per row, packed files.
 # The same calibration windows and WikiText-2 windows as prune-table. About 35 minutes on 2 CPU cores.
-QUANT_BITS ?= 8 4 3 2
-QUANT_RUNS := $(foreach m,rtn gptq,$(foreach b,$(QUANT_BITS),$(m)-$(b)-g128 $(m)-$(b)-row))
+QUANT_BITS   ?= 8 4 3 2
+QUANT_GROUPS ?= g128 row
+QUANT_RUNS   := $(foreach m,rtn gptq,$(foreach b,$(QUANT_BITS),$(foreach g,$(QUANT_GROUPS),$(m)-$(b)-$(g))))
 quant-table: install $(OUT)/dense.eval.json $(QUANT_RUNS:%=$(OUT)/%.eval.json)
 	@echo "== WikiText-2 perplexity and size on disk, quantized (packed), $(SEQLEN)-token windows$(if $(PPL_LIMIT), (first $(PPL_LIMIT))), calibration $(SAMPLES) x $(SEQLEN) C4 tokens, seed 0"
 	$(RC) table $(OUT)/dense.eval.json $(QUANT_RUNS:%=$(OUT)/%.eval.json) --metrics ppl,size

@@ -150,3 +150,39 @@ def test_bad_quantization_options(tiny_model, tmp_path, args, message):
     err = r.stderr.decode() if isinstance(r.stderr, bytes) else r.stderr
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_joint_and_one_shot_from_the_command_line(tiny_model, docs_file, tmp_path):
+    stats = tmp_path / "stats.safetensors"
+    r = run_cli("calibrate", "--model", str(tiny_model), "--data", str(docs_file), "--samples", "6", "--seqlen", "32",
+                "--hessian", "-o", str(stats))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("compress", "--model", str(tiny_model), "--method", "sparsegpt", "--pattern", "2:4", "--bits", "4",
+                "--group-size", "16", "--stats", str(stats), "--sequential", "-o", str(tmp_path / "joint"))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["method"] == "sparsegpt" and doc["pattern"] == "2:4" and doc["quantization"]["bits"] == 4
+    joint = load_model(str(tmp_path / "joint"), device="cpu")
+    for m in joint.model.modules():
+        if isinstance(m, QuantLinear):
+            w = m.dequantize()
+            assert torch.all((w == 0).view(w.shape[0], -1, 4).sum(2) >= 2)  # 2:4 survives quantization
+    r = run_cli("compress", "--model", str(tiny_model), "--method", "gptq", "--bits", "8", "--group-size", "-1",
+                "--stats", str(stats), "--format", "dense", "-o", str(tmp_path / "one-shot"))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["protocol"] == "one-shot" and all(0 < layer["rel_error"] < 0.05 for layer in doc["layers"])
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "one-shot", local_files_only=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_model_on_the_gpu_equals_the_cpu_path(packed_and_dense):
+    out, _ = packed_and_dense
+    cpu = load_model(str(out / "packed"), device="cpu", dtype="float32")
+    gpu = load_model(str(out / "packed"), device="cuda", dtype="float16")
+    ids = torch.randint(0, 300, (2, 24))
+    a = _logits(cpu, ids)
+    b = _logits(gpu, ids.cuda()).cpu()
+    assert (a - b).abs().max() < 2e-2 * a.abs().max()
