@@ -39,8 +39,23 @@ def _describe_model(path: Path) -> dict[str, Any]:
     return {"path": str(path), "kind": "model", "fingerprint": model_fingerprint(path),
             "architecture": (config.get("architectures") or [config.get("model_type")])[0],
             "config": config, "rechannel": config.get("rechannel"),
-            "parameters": sum(t["numel"] for t in tensors), "bytes": sum(t["bytes"] for t in tensors),
-            "tensors": tensors}
+            "parameters": _logical_parameters(tensors, config.get("quantization")),
+            "bytes": sum(t["bytes"] for t in tensors), "tensors": tensors}
+
+
+def _logical_parameters(tensors: list[dict[str, Any]], quantization: dict[str, Any] | None) -> int:
+    """The weights a model stands for: a packed layer counts its codes (bytes * 8 / bits), not the bytes
+    holding them, nor its scales, zero points and group indices."""
+    if not isinstance(quantization, dict) or "bits" not in quantization:
+        return sum(t["numel"] for t in tensors)
+    bits = quantization["bits"]
+    total = 0
+    for t in tensors:
+        if t["name"].endswith(".qweight"):
+            total += t["shape"][0] * (t["shape"][1] * 8 // bits)
+        elif not t["name"].endswith((".scales", ".qzeros", ".g_idx")):
+            total += t["numel"]
+    return total
 
 
 def _describe_file(path: Path) -> dict[str, Any]:
@@ -84,6 +99,10 @@ def _summary_table(d: dict[str, Any]) -> Table:
                     "intermediate_size", "vocab_size", "dtype", "torch_dtype"):
             if key in c:
                 table.add_row(key, str(c[key]))
+        q = c.get("quantization")
+        if isinstance(q, dict):
+            table.add_row("quantization", f"{q.get('bits')}-bit, group {q.get('group_size')}, {q.get('format')}, "
+                                          f"{len(q.get('layers', []))} packed layers")
         if d["rechannel"]:
             table.add_row("rechannel", jsonlib.dumps(d["rechannel"]))
     else:

@@ -130,6 +130,7 @@ def save_packed(model: nn.Module, tokenizer: Any, quantized: dict[str, Quantized
 
     state = packed_state(model, quantized)
     model.config.rechannel = entry
+    model.config.dtype = "bfloat16" if state_dtype(state) == torch.bfloat16 else "float16"  # what the file holds
     model.config.quantization = {**quantization, "format": "packed", "file": PACKED_FILE,
                                  "layers": sorted(quantized)}
     with atomic_path(out_dir) as tmp:
@@ -138,6 +139,11 @@ def save_packed(model: nn.Module, tokenizer: Any, quantized: dict[str, Quantized
         save_file(state, str(tmp / PACKED_FILE), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def state_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    return next((t.dtype for k, t in state.items() if t.is_floating_point() and not k.endswith(".scales")),
+                torch.float16)
 
 
 def packed_entry(path: Path) -> dict[str, Any] | None:

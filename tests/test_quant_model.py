@@ -186,3 +186,12 @@ def test_packed_model_on_the_gpu_equals_the_cpu_path(packed_and_dense):
     a = _logits(cpu, ids)
     b = _logits(gpu, ids.cuda()).cpu()
     assert (a - b).abs().max() < 2e-2 * a.abs().max()
+
+
+def test_inspect_counts_the_weights_a_packed_model_stands_for(packed_and_dense, tiny_model):
+    out, _ = packed_and_dense
+    dense = json.loads(run_cli("inspect", str(out / "dense"), "--json", "--no-tensors").stdout)
+    packed = json.loads(run_cli("inspect", str(out / "packed"), "--json", "--no-tensors").stdout)
+    assert packed["parameters"] == dense["parameters"]
+    assert packed["bytes"] < dense["bytes"] / 3  # float32 dense export against 3-bit codes and float16 rest
+    assert packed["config"]["quantization"]["bits"] == 3 and packed["config"]["dtype"] == "float16"
