@@ -206,13 +206,10 @@ def _sizes(output: str, model: Any, report: Any) -> dict[str, Any]:
     (packed codes, scales, zero points and group indices against their float16 weights)."""
     from pathlib import Path
 
-    from rechannel.ops.quant import packed_width
-
     files = sum(f.stat().st_size for f in Path(output).glob("*.safetensors"))
     params = sum(p.numel() for p in model.parameters())
-    layers = sum(qw.codes.numel() for qw in report.quantized.values())
-    packed = sum(qw.codes.shape[0] * packed_width(qw.codes.shape[1], qw.bits) + 3 * qw.scales.numel()
-                 + (4 * qw.g_idx.numel() if qw.g_idx is not None else 0) for qw in report.quantized.values())
+    layers = sum(q.in_features * q.out_features for q in report.quantized.values())
+    packed = sum(sum(t.numel() * t.element_size() for t in q.buffers()) for q in report.quantized.values())
     return {"bytes": files, "fp16_bytes": 2 * params, "size_ratio_fp16": round(files / (2 * params), 4),
             "quantized_parameters": layers, "quantized_bytes": packed,
             "quantized_ratio_fp16": round(packed / (2 * layers), 4) if layers else None}

@@ -25,6 +25,7 @@ from torch import nn
 from rechannel.ops.blocks import BlockInputs, capture_first_inputs, decoder_blocks, run_block
 from rechannel.ops.calibration import LayerStats, collect_block_stats, select_targets
 from rechannel.ops.prune import Pattern, check_pattern, select_mask, sparsegpt
+from rechannel.ops.qlinear import QuantLinear
 from rechannel.ops.quant import QuantizedWeight, QuantSpec, gptq, rtn
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
@@ -56,7 +57,7 @@ class LayerReport:
 @dataclass
 class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
-    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # module name -> codes, for packing
+    quantized: dict[str, QuantLinear] = field(default_factory=dict)  # module name -> packed layer, in host memory
 
     def totals(self) -> dict[str, Any]:
         entries = sum(r.shape[0] * r.shape[1] for r in self.layers)
@@ -203,16 +204,14 @@ def _module_paths(model: nn.Module) -> dict[int, str]:
 
 
 def _keep(report: PruneReport, name: str, qw: QuantizedWeight | None) -> None:
-    """Keep a layer's codes off the GPU, already packed in spirit: uint8 codes, float16 grid."""
+    """Keep a layer's codes packed (bits/8 bytes per weight) and in host memory, ready to save."""
     if qw is not None:
-        report.quantized[name] = QuantizedWeight(qw.codes.cpu(), qw.scales.cpu(), qw.zeros.cpu(),
-                                                 None if qw.g_idx is None else qw.g_idx.cpu(), qw.bits,
-                                                 qw.group_width)
+        report.quantized[name] = QuantLinear.from_quantized(qw, None).cpu()
 
 
-def write_stored_weights(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+def write_stored_weights(model: nn.Module, quantized: dict[str, QuantLinear]) -> None:
     """Give every quantized layer the weight its stored codes and float16 scales stand for, so a dense
     export equals the packed file (GPTQ's loop ran on float32 scales)."""
-    for name, qw in quantized.items():
+    for name, packed in quantized.items():
         w = model.get_submodule(name).weight
-        w.data.copy_(qw.dequantize(w.dtype).to(w.device))
+        w.data.copy_(packed.dequantize(w.dtype).to(w.device))

@@ -127,7 +127,7 @@ def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Ten
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
             if info == 0:
                 return upper, ObsReport(damp, retry)
-    raise UserError("SparseGPT: the Hessian stays singular even with damping x1e5; use more calibration data")
+    raise UserError("the Hessian stays singular even with damping x1e5 (SparseGPT/GPTQ); use more calibration data")
 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
@@ -182,7 +182,7 @@ def _sparsegpt_block(w: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, i1
         m1 |= score <= thresh
     if grids is not None:
         pairs = [grids.at(i1 + i, w) for i in range(i2 - i1)]  # every grid the block needs, before its loop
-    elif use_triton(w1):
+    elif use_triton(w1) and w1.shape[1] <= 256:  # the kernel holds the block in registers
         from rechannel.triton_kernels.sparsegpt import obs_block
 
         err = obs_block(w1, h1, m1, pattern.n, pattern.m)

@@ -64,7 +64,9 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W (R, C) as the file stands for it."""
-        if self.qweight.is_cuda:
+        from rechannel.ops.prune import use_triton
+
+        if use_triton(self.qweight):
             from rechannel.triton_kernels.quant import dequantize
 
             return dequantize(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.in_features,
@@ -82,7 +84,9 @@ class QuantLinear(nn.Module):
 
             return matmul(x, self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.in_features,
                           self.group_width, self.bias)
-        if self._dense is None or self._dense.dtype != x.dtype:
+        if x.is_cuda:  # RECHANNEL_KERNELS=torch on a GPU: de-quantize per call, never keep a dense copy there
+            return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
+        if self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:
             self._dense = self.dequantize(x.dtype)
         return nn.functional.linear(x, self._dense, self.bias)
 
@@ -96,7 +100,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def packed_state(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+def packed_state(model: nn.Module, quantized: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
     """The tensors of the packed file: packed layers from `quantized`, the rest in 16-bit floats."""
     half = torch.bfloat16 if next(model.parameters()).dtype == torch.bfloat16 else torch.float16
     skip = {f"{n}.weight" for n in quantized}
@@ -104,12 +108,11 @@ def packed_state(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> dic
              for k, v in model.state_dict().items() if k not in skip}
     for name in _untied(model, state):
         state.pop(name)
-    for name, qw in quantized.items():
-        state[f"{name}.qweight"] = pack_rows(qw.codes.cpu(), qw.bits)
-        state[f"{name}.scales"] = qw.scales.cpu().contiguous()
-        state[f"{name}.qzeros"] = qw.zeros.cpu().contiguous()
-        if qw.g_idx is not None:
-            state[f"{name}.g_idx"] = qw.g_idx.cpu().contiguous()
+    for name, packed in quantized.items():
+        for key in ("qweight", "scales", "qzeros", "g_idx"):
+            t = getattr(packed, key)
+            if t is not None:
+                state[f"{name}.{key}"] = t.cpu().contiguous()
     return state
 
 
@@ -120,7 +123,7 @@ def _untied(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     return []
 
 
-def save_packed(model: nn.Module, tokenizer: Any, quantized: dict[str, QuantizedWeight], out_dir: str | Path,
+def save_packed(model: nn.Module, tokenizer: Any, quantized: dict[str, QuantLinear], out_dir: str | Path,
                 entry: dict[str, Any], quantization: dict[str, Any]) -> Path:
     """Write the packed directory atomically: config.json (with `rechannel` and `quantization`), the packed
     tensors and the tokenizer."""

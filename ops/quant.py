@@ -26,6 +26,10 @@ from rechannel.ops.prune import _inverse_cholesky, use_triton
 
 BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq")
+# The smallest normal float16: a smaller scale would be stored as a subnormal (or 0), losing precision,
+# and could push the zero point off the grid. Only groups spanning less than maxq * 2^-14 are affected.
+MIN_SCALE = 2.0**-14
+MAX_KERNEL_BLOCK = 256  # the fused column-loop kernels hold a block in registers; wider blocks run in torch
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,9 @@ def find_grid(x: torch.Tensor, bits: int, sym: bool, exact: bool = False) -> tup
     flat = (xmin == 0) & (xmax == 0)
     xmin = torch.where(flat, -1.0, xmin)
     xmax = torch.where(flat, 1.0, xmax)
-    scale = (xmax - xmin) / maxq
+    scale = ((xmax - xmin) / maxq).clamp_min(MIN_SCALE)
     if not exact:
-        scale = scale.to(torch.float16).clamp_min(2**-24).to(x.dtype)
+        scale = scale.to(torch.float16).to(x.dtype)
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
     return scale, zero
 
@@ -250,7 +254,7 @@ def _gptq_block(w: torch.Tensor, hinv: torch.Tensor, codes: torch.Tensor, grids:
     zero = torch.stack([p[1] for p in pairs], 1)  # (R, B)
     w1 = w[:, i1:i2].clone()
     h1 = hinv[i1:i2, i1:i2]
-    if use_triton(w1):
+    if use_triton(w1) and w1.shape[1] <= MAX_KERNEL_BLOCK:
         from rechannel.triton_kernels.quant import gptq_block
 
         block_codes, err = gptq_block(w1, h1, scale, zero, grids.spec.maxq)  # w1 quantized in place

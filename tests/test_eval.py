@@ -123,7 +123,9 @@ def test_eval_multiple_choice_records_and_results(tiny_model, tmp_path):
     row = json.loads(run_cli("table", str(out), "--metrics", "acc", "--json").stdout)
     assert row["mine acc"] == res["acc,none"] and "mine acc_norm" not in row and row["run"] == "dense"
     md = run_cli("table", str(out), "--transpose", "--markdown").stdout.decode().splitlines()
-    assert md[0] == "| task metric | dense |" and md[2] == f"| mine acc | {res['acc,none']:.3f} |"
+    size = json.loads(out.read_text())["config"]["model_bytes"] / 1e6  # the model's weight files
+    assert md[0] == "| task metric | dense |" and md[2] == f"| size MB | {round(size, 1):.3f} |"
+    assert md[3] == f"| mine acc | {res['acc,none']:.3f} |"
 
 
 def test_eval_with_a_prompt_bank_and_a_lora_adapter(tiny_model, tmp_path):

@@ -178,14 +178,16 @@ def test_joint_and_one_shot_from_the_command_line(tiny_model, docs_file, tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_packed_model_on_the_gpu_equals_the_cpu_path(packed_and_dense):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("tokens", [24, 200])  # 2 x 200 rows: the prefill path (de-quantize, then GEMM)
+def test_packed_model_on_the_gpu_equals_the_cpu_path(packed_and_dense, dtype, tokens):
     out, _ = packed_and_dense
     cpu = load_model(str(out / "packed"), device="cpu", dtype="float32")
-    gpu = load_model(str(out / "packed"), device="cuda", dtype="float16")
-    ids = torch.randint(0, 300, (2, 24))
+    gpu = load_model(str(out / "packed"), device="cuda", dtype=dtype)
+    ids = torch.randint(0, 300, (2, tokens))
     a = _logits(cpu, ids)
     b = _logits(gpu, ids.cuda()).cpu()
-    assert (a - b).abs().max() < 2e-2 * a.abs().max()
+    assert (a - b).abs().max() < 3e-2 * a.abs().max()
 
 
 def test_inspect_counts_the_weights_a_packed_model_stands_for(packed_and_dense, tiny_model):

@@ -341,7 +341,7 @@ def _rtn_pack_kernel(w_ptr, p_ptr, s_ptr, z_ptr, rows, cols, groups, row_bytes, 
         xmin = tl.where(flat, -1.0, xmin)
         xmax = tl.where(flat, 1.0, xmax)
         scale = tl.math.div_rn(xmax - xmin, maxq).to(tl.float16).to(tl.float32)
-        scale = tl.maximum(scale, 2.0**-24)
+        scale = tl.maximum(scale, 2.0**-14)  # MIN_SCALE of ops.quant
         if SYM:
             zero = (maxq + 1.0) * 0.5
         else:
