@@ -51,8 +51,8 @@ demo: install
 
 prune-table: install $(OUT)/dense.eval.json $(RUNS:%=$(OUT)/%.eval.json)
 	@echo "== WikiText-2 perplexity, $(SEQLEN)-token windows$(if $(PPL_LIMIT), (first $(PPL_LIMIT))), calibration $(SAMPLES) x $(SEQLEN) C4 tokens, seed 0"
-	$(RC) table $(OUT)/dense.eval.json $(RUNS:%=$(OUT)/%.eval.json)
-	@$(RC) table $(OUT)/dense.eval.json $(RUNS:%=$(OUT)/%.eval.json) --markdown > $(OUT)/prune-table.md
+	$(RC) table $(OUT)/dense.eval.json $(RUNS:%=$(OUT)/%.eval.json) --metrics ppl
+	@$(RC) table $(OUT)/dense.eval.json $(RUNS:%=$(OUT)/%.eval.json) --metrics ppl --markdown > $(OUT)/prune-table.md
 
 # What pruning cost on the knowledge tasks: the first KNOW_LIMIT examples of each, dense and pruned
 KNOW_TASKS ?= arc_easy,arc_challenge,boolq,piqa,openbookqa,winogrande,commonsenseqa,lambada,triviaqa

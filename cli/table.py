@@ -102,6 +102,7 @@ def table_command(
             out.write_all(rows)
         return
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    rows = [{k: (f"{v:.1f}" if k == "size MB" and isinstance(v, float) else v) for k, v in r.items()} for r in rows]
     first = "run"
     if transpose:  # rows become the task metrics, columns the runs
         runs = [r["run"] for r in rows]

@@ -124,7 +124,7 @@ def test_eval_multiple_choice_records_and_results(tiny_model, tmp_path):
     assert row["mine acc"] == res["acc,none"] and "mine acc_norm" not in row and row["run"] == "dense"
     md = run_cli("table", str(out), "--transpose", "--markdown").stdout.decode().splitlines()
     size = json.loads(out.read_text())["config"]["model_bytes"] / 1e6  # the model's weight files
-    assert md[0] == "| task metric | dense |" and md[2] == f"| size MB | {round(size, 1):.3f} |"
+    assert md[0] == "| task metric | dense |" and md[2] == f"| size MB | {round(size, 1):.1f} |"
     assert md[3] == f"| mine acc | {res['acc,none']:.3f} |"
 
 
