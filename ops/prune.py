@@ -17,6 +17,8 @@ from rechannel.ops.errors import UserError, unknown_choice
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
+MAX_KERNEL_BLOCK = 256  # the fused column-loop kernels hold a block in registers; wider blocks run in torch
+
 if TYPE_CHECKING:
     from rechannel.ops.quant import QuantizedWeight, QuantSpec
 
@@ -182,7 +184,7 @@ def _sparsegpt_block(w: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, i1
         m1 |= score <= thresh
     if grids is not None:
         pairs = [grids.at(i1 + i, w) for i in range(i2 - i1)]  # every grid the block needs, before its loop
-    elif use_triton(w1) and w1.shape[1] <= 256:  # the kernel holds the block in registers
+    elif use_triton(w1) and w1.shape[1] <= MAX_KERNEL_BLOCK:
         from rechannel.triton_kernels.sparsegpt import obs_block
 
         err = obs_block(w1, h1, m1, pattern.n, pattern.m)

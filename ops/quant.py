@@ -22,14 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from rechannel.ops.errors import UserError
-from rechannel.ops.prune import _inverse_cholesky, use_triton
+from rechannel.ops.prune import MAX_KERNEL_BLOCK, _inverse_cholesky, use_triton
 
 BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq")
 # The smallest normal float16: a smaller scale would be stored as a subnormal (or 0), losing precision,
 # and could push the zero point off the grid. Only groups spanning less than maxq * 2^-14 are affected.
 MIN_SCALE = 2.0**-14
-MAX_KERNEL_BLOCK = 256  # the fused column-loop kernels hold a block in registers; wider blocks run in torch
 
 
 @dataclass(frozen=True)
@@ -94,12 +93,6 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
     scale = scale.view(-1, 1) if scale.dim() == 1 else scale
     zero = zero.view(-1, 1) if zero.dim() == 1 else zero
     return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
-
-
-def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    scale = scale.view(-1, 1) if scale.dim() == 1 else scale
-    zero = zero.view(-1, 1) if zero.dim() == 1 else zero
-    return scale * (codes - zero)
 
 
 # ---- a quantized matrix --------------------------------------------------------------------------
