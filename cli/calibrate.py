@@ -55,7 +55,7 @@ def calibrate_command(
     seqlen: Seqlen = 2048,
     seed: Seed = 0,
     targets: Targets = r"(self_attn|mlp)\.",
-    hessian: Annotated[bool, typer.Option("--hessian", help="Also store H = (2/n) sum x x^T (for SparseGPT).")] = False,
+    hessian: Annotated[bool, typer.Option("--hessian", help="Also store H = (2/n) sum x x^T, n windows (for SparseGPT and GPTQ).")] = False,
     batch_size: BatchSize = 1,
     model: options.Model = "smollm2-135m",
     device: options.Device = "auto",
@@ -70,7 +70,7 @@ def calibrate_command(
       rechannel calibrate -d c4.jsonl --samples 32 --seqlen 512 --hessian -o stats-h.safetensors
       rechannel inspect stats.safetensors --no-tensors
 
-    The output holds the token windows (so compress reuses exactly these samples), each Linear's per-input-channel sums of squares, and with --hessian its H. Stdout: one JSON summary line.
+    The output holds the token windows (so compress reuses exactly these samples), each Linear's per-input-channel squared norms, and with --hessian its H, both float32 running means over windows as the reference code keeps them. Stdout: one JSON summary line.
     """
     from rechannel.cli.artifacts import Provenance, save_artifact
     from rechannel.cli.console import progress

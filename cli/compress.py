@@ -80,7 +80,7 @@ def _windows_and_stats(calib: str | None, stats: str | None, sequential: bool, l
                                       names=names)
         windows = tensors.pop("windows").long()
         desc = {"source": stats, **{k: meta["args"].get(k) for k in ("data", "docs", "samples", "seqlen", "seed")}}
-        one_shot = None if sequential else stats_from_tensors(tensors, meta["tokens"], meta.get("aliases"))
+        one_shot = None if sequential else stats_from_tensors(tensors, windows, meta.get("aliases"))
         return windows, one_shot, desc
     return None, None, None
 

@@ -87,12 +87,12 @@ def prune_layer(layer: nn.Linear, stats: LayerStats | None, cfg: PruneConfig,
         check_pattern(cfg.pattern, w.shape[1], name)
     damping, qw = None, None
     if cfg.method == "sparsegpt":
-        new_w, mask, obs, qw = sparsegpt(w, stats.scaled_hessian().to(w.device), cfg.sparsity, cfg.pattern,
+        new_w, mask, obs, qw = sparsegpt(w, stats.hessian.to(w.device), cfg.sparsity, cfg.pattern,
                                          cfg.blocksize, cfg.percdamp, cfg.quant)
         w.copy_(new_w.to(w.dtype))
         damping = obs.damping
     elif cfg.method == "gptq":
-        qw, obs, new_w = gptq(w, stats.scaled_hessian().to(w.device), cfg.quant, cfg.blocksize, cfg.percdamp)
+        qw, obs, new_w = gptq(w, stats.hessian.to(w.device), cfg.quant, cfg.blocksize, cfg.percdamp)
         w.copy_(new_w.to(w.dtype))
         damping = obs.damping
     elif cfg.method == "rtn":
@@ -191,7 +191,7 @@ def prune_one_shot(model: nn.Module, stats: dict[str, LayerStats], cfg: PruneCon
             r, qw = prune_layer(layer, s, cfg, key)
             _keep(report, paths[id(layer)], qw)
             if dense is not None:
-                r.rel_error = hessian_error(dense, layer.weight.data, s.scaled_hessian().to(dense.device))
+                r.rel_error = hessian_error(dense, layer.weight.data, s.hessian.to(dense.device))
             report.layers.append(r)
         if on_block:
             on_block(i)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -46,28 +47,54 @@ def test_no_document_long_enough_is_a_user_error(tiny):
         draw_windows(make_docs(), tiny.tokenizer, 4, 4096, 0)
 
 
-def test_statistics_equal_a_direct_float64_computation(tiny):
-    windows = draw_windows(make_docs(), tiny.tokenizer, 6, 32, 0)
-    result = calibrate(tiny.model, windows, r"(self_attn|mlp)\.", hessian=True, batch_size=4)
-    # independent: one full-model forward with hooks on every Linear, float64 sums
+def _layer_inputs(model, windows):
+    """Every Linear's inputs, window by window: {layer key: [(T, d_in) per window]}, from plain forwards."""
     seen: dict[str, list[torch.Tensor]] = {}
     handles = []
-    for i, block in enumerate(decoder_blocks(tiny.model)):
+    for i, block in enumerate(decoder_blocks(model)):
         for name, layer in linear_layers(block).items():
             key = f"layers.{i}.{name}"
             handles.append(layer.register_forward_pre_hook(
-                lambda mod, args, key=key: seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))))
+                lambda mod, args, key=key: seen.setdefault(key, []).append(args[0][0])))
     with torch.no_grad():
-        tiny.model(windows)
+        for w in windows:
+            model(w[None])
     for h in handles:
         h.remove()
+    return seen
+
+
+def test_statistics_equal_a_direct_float64_computation(tiny):
+    windows = draw_windows(make_docs(), tiny.tokenizer, 6, 32, 0)
+    result = calibrate(tiny.model, windows, r"(self_attn|mlp)\.", hessian=True, batch_size=4)
+    seen = _layer_inputs(tiny.model, windows)
     assert set(result.stats) == set(seen) and result.tokens == windows.numel()
     for key, xs in seen.items():
-        x = torch.cat(xs).double()
+        x = torch.cat(xs).double()  # (N*T, d_in)
         s = result.stats[key]
-        torch.testing.assert_close(s.sumsq, (x * x).sum(0), rtol=1e-5, atol=1e-8)
-        torch.testing.assert_close(s.scaled_hessian().double(), 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-6)
-        assert s.tokens == x.shape[0]
+        n = len(windows)  # the reference divides by windows, not tokens
+        torch.testing.assert_close(s.sqnorm.double(), (x * x).sum(0) / n, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(s.hessian.double(), 2 * x.t() @ x / n, rtol=1e-4, atol=1e-6)
+        assert s.tokens == x.shape[0] and s.windows == n
+
+
+def test_statistics_are_the_reference_running_means_bit_for_bit(tiny):
+    """The published update, one window at a time in float32: scale the old mean by n/(n+1), then add
+    ||x_j||^2/(n+1) (Wanda) and (sqrt(2/(n+1)) x)^T (sqrt(2/(n+1)) x) (GPTQ / SparseGPT)."""
+    windows = draw_windows(make_docs(), tiny.tokenizer, 5, 24, 2)
+    result = calibrate(tiny.model, windows, r"(self_attn|mlp)\.", hessian=True, batch_size=1)
+    for key, xs in _layer_inputs(tiny.model, windows).items():
+        d = xs[0].shape[1]
+        scaler, h = torch.zeros(d), torch.zeros(d, d)
+        for n, x in enumerate(xs):
+            inp = x.t().float()  # (d_in, T)
+            scaler *= n / (n + 1)
+            h *= n / (n + 1)
+            scaler += torch.norm(inp, p=2, dim=1) ** 2 / (n + 1)
+            inp = math.sqrt(2 / (n + 1)) * inp
+            h += inp.matmul(inp.t())
+        assert torch.equal(result.stats[key].sqnorm, scaler), key
+        assert torch.equal(result.stats[key].hessian, h), key
 
 
 def test_targets_choose_layers_and_a_bad_regex_is_refused(tiny):
@@ -95,8 +122,8 @@ def test_layers_fed_the_same_input_share_statistics_stored_once(tiny):
     tensors, aliases = stats_to_tensors(result, windows)
     assert aliases["layers.0.self_attn.v_proj"] == "layers.0.self_attn.q_proj"
     assert "layers.0.self_attn.k_proj.hessian" not in tensors and len(aliases) == 6
-    back = stats_from_tensors(tensors, result.tokens, aliases)
+    back = stats_from_tensors(tensors, windows, aliases)
     assert set(back) == set(st)
     for key in st:
-        torch.testing.assert_close(back[key].scaled_hessian(), st[key].scaled_hessian())
-        torch.testing.assert_close(back[key].sumsq, st[key].sumsq)
+        assert torch.equal(back[key].hessian, st[key].hessian) and torch.equal(back[key].sqnorm, st[key].sqnorm)
+        assert (back[key].windows, back[key].tokens) == (st[key].windows, st[key].tokens)
