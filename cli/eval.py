@@ -48,29 +48,29 @@ def _with_batch_size(run, requested: int | None, device: str):
             size //= 2
 
 
-def _conditioning(lm: Any, prompts: str | None, route: str) -> tuple[Any, dict[str, Any] | None]:
-    """The soft-prompt bank and route, and what they cost in parameters."""
+def _conditioning(lm: Any, prompts: str | None, route: str, layers: str) -> tuple[Any, dict[str, Any] | None]:
+    """The soft-prompt bank and route, and what they cost in parameters. A bank trained for another model
+    is refused (load_artifact checks its fingerprint)."""
     from rechannel.cli.artifacts import load_artifact
-    from rechannel.cli.console import warn
+    from rechannel.ops.blocks import decoder_blocks
     from rechannel.ops.evaluate import Conditioning
     from rechannel.ops.prompts import BANK_KIND, check_bank, parse_route, router
+    from rechannel.ops.routing import parse_layers
 
     r = parse_route(route)
     if prompts is None:
         if r.kind != "none":
             raise UserError(f"--route {route} needs a prompt bank: --prompts BANK.safetensors")
         return Conditioning(), None
-    tensors, meta = load_artifact(prompts, kind=BANK_KIND, names=["prompts"])
+    tensors, meta = load_artifact(prompts, kind=BANK_KIND, fingerprint=lm.fingerprint, model=lm.spec, names=["prompts"])
     bank = tensors["prompts"]
     check_bank(bank, lm.model.get_input_embeddings().weight.shape[1], r, prompts)
-    if meta.get("source", {}).get("fingerprint") != lm.fingerprint:
-        warn(f"{prompts} was trained on {meta.get('source', {}).get('model')!r}, not on this model; "
-             "the embedding space is shared by a model and its compressed versions")
     if r.kind == "none":
         return Conditioning(), {"path": prompts, "route": "none", "parameters": 0}
+    picked = tuple(parse_layers(layers, len(decoder_blocks(lm.model))))
     info = {"path": prompts, "route": str(r), "prompts": bank.shape[0], "length": bank.shape[1],
-            "parameters": bank.numel()}
-    return Conditioning(bank, router(r)), info
+            "parameters": bank.numel(), **({"layers": list(picked)} if r.kind == "attention" else {})}
+    return Conditioning(bank, router(r, lm.model, lm.tokenizer, bank, picked)), info
 
 
 def _run_ppl(lm: Any, task: Any, text: str, seqlen: int, stride: int | None, limit: int | None, batch_size: int,
@@ -151,7 +151,10 @@ def eval_command(
                                                            "only new ones (default: non-overlapping).")] = None,
     prompts: Annotated[str | None, typer.Option(help="A prompt bank (.safetensors): its soft prompt goes in front "
                                                      "of every example.")] = None,
-    route: Annotated[str, typer.Option(help="Which prompt each example gets: fixed:K or none.")] = "none",
+    route: Annotated[str, typer.Option(help="Which prompt each example gets: attention (IDP: the one its tokens "
+                                            "attend to most), entropy, fixed:K or none.")] = "none",
+    layers: Annotated[str, typer.Option(help="--route attention reads these layers: first (the first 1/8), all, "
+                                             "A:B or i,j,k.")] = "first",
     adapter: Annotated[str | None, typer.Option(help="A PEFT LoRA adapter directory, merged before evaluating.")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Results JSON (lm-evaluation-harness layout).")] = None,
     model: options.Model = "smollm2-135m",
@@ -186,7 +189,7 @@ def eval_command(
         from rechannel.ops.lora import merge_adapter
 
         extra["adapter"] = vars(merge_adapter(lm.model, adapter))
-    cond, bank_info = _conditioning(lm, prompts, route)
+    cond, bank_info = _conditioning(lm, prompts, route, layers)
     if bank_info:
         extra["prompts"] = bank_info
     token_budget = CPU_TOKENS if requested is None and lm.model.device.type == "cpu" else None

@@ -16,7 +16,7 @@ import traceback
 import typer
 
 from rechannel import __version__
-from rechannel.cli import calibrate, compress, eval, generate, inspect, models, table
+from rechannel.cli import calibrate, compress, eval, generate, inspect, models, route, table, train_prompts
 from rechannel.ops.errors import UserError
 
 HELP = """Compress a causal LM, measure what it lost, and win the knowledge back with routed soft prompts.
@@ -56,6 +56,8 @@ app.command("generate")(generate.generate_command)
 app.command("calibrate")(calibrate.calibrate_command)
 app.command("compress")(compress.compress_command)
 app.command("eval")(eval.eval_command)
+app.command("train-prompts")(train_prompts.train_prompts_command)
+app.command("route")(route.route_command)
 app.command("table")(table.table_command)
 
 

@@ -15,12 +15,13 @@ An optional soft prompt (P, d) is placed in front of each prefix as input embedd
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from rechannel.ops.kvcache import cache_keyword, returned_cache
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def score_batch(model: nn.Module, units: Sequence[ScoreUnit], prompts: torch.Ten
     else:
         inputs = {"input_ids": ids.to(device)}
     out = decoder(**inputs, attention_mask=mask.to(device), use_cache=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.24 renamed it
+    cache = returned_cache(out)
     rows = [(b, suffix, n) for b, u in enumerate(units) for suffix, n in zip(u.suffixes, u.scored, strict=True)]
     # token j of a suffix is predicted by the prefix's last position (j = 0) or by suffix position j - 1
     heads = [(r, b, suffix[0]) for r, (b, suffix, n) in enumerate(rows) if n == len(suffix)]
@@ -122,13 +123,6 @@ def _pick(model: nn.Module, hidden: torch.Tensor, targets: Sequence[int]) -> lis
     logp = torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)  # (n, V)
     t = torch.tensor(list(targets), device=logp.device).view(-1, 1)
     return list(zip(logp.gather(1, t).squeeze(1).tolist(), (logp.argmax(1) == t.squeeze(1)).tolist(), strict=True))
-
-
-def _cache_argument(decoder: nn.Module, cache) -> dict:
-    """The keyword a decoder takes its key/value cache by: `cache` since transformers 5.24, before that
-    `past_key_values`."""
-    params = inspect.signature(decoder.forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
 PAD_SLACK = 1.25  # a group of suffixes may hold at most this many padded tokens per real one
@@ -174,7 +168,7 @@ def _score_group(decoder: nn.Module, model: nn.Module, cache, rows: list[tuple[i
     positions = prefix_len[owner].view(-1, 1) + torch.arange(width).view(1, -1)  # (group, width)
     attention = torch.cat([prefix_mask[owner], mask], 1)
     hidden = decoder(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
-                     use_cache=True, **_cache_argument(decoder, cache)).last_hidden_state  # (group, width, d)
+                     use_cache=True, **cache_keyword(decoder, cache)).last_hidden_state  # (group, width, d)
     where = [(i, r, j) for i, r in enumerate(group) for j in range(max(1, len(rows[r][1]) - rows[r][2]), len(rows[r][1]))]
     picks = _pick(model, hidden[[i for i, _, _ in where], [j - 1 for _, _, j in where]],
                   [rows[r][1][j] for _, r, j in where])

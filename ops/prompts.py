@@ -1,11 +1,11 @@
 """Soft-prompt banks: K learned prompts of P embedding vectors each, and how an example picks one.
 
-A bank is a rechannel artefact of kind `prompt-bank` holding `prompts` (K, P, d). Because rechannel never
-compresses the embeddings, a bank trained on a compressed model lives in the same embedding space as its
-dense original; using it with another model of the same width is allowed, with a warning.
+A bank is a rechannel artefact of kind `prompt-bank` holding `prompts` (K, P, d), made by `train-prompts`
+for one model (its fingerprint) and refused on any other: prompts are trained against one set of weights.
 
-Routes: `none` (no prompt), `fixed:K` (prompt K for every example). Per-example routing by attention over
-the bank's keys belongs to `route`, which writes banks that carry those keys.
+Routes: `none` (no prompt), `fixed:K` (prompt K for every example), `attention` (IDP: the prompt the
+example's tokens attend to most) and `entropy` (the prompt under which the model is least uncertain);
+see ops/routing.py for the last two.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch
 from rechannel.ops.errors import UserError, unknown_choice
 
 BANK_KIND = "prompt-bank"
-ROUTES = ("none", "fixed:K")
+ROUTES = ("none", "fixed:K", "attention", "entropy")
 
 
 @dataclass(frozen=True)
 class Route:
-    kind: str  # none | fixed
+    kind: str  # none | fixed | attention | entropy
     index: int | None = None
 
     def __str__(self) -> str:
@@ -33,6 +33,8 @@ class Route:
 def parse_route(text: str) -> Route:
     if text == "none":
         return Route("none")
+    if text in ("attention", "entropy"):
+        return Route(text)
     if text.startswith("fixed:") and text[6:].isdigit():
         return Route("fixed", int(text[6:]))
     raise unknown_choice("route", text, ROUTES)
@@ -48,8 +50,25 @@ def check_bank(prompts: torch.Tensor, hidden_size: int, route: Route, path: str)
         raise UserError(f"--route {route}: the bank has {prompts.shape[0]} prompts (0..{prompts.shape[0] - 1})")
 
 
-def router(route: Route) -> Callable[[str], int | None]:
-    """Example text -> bank row."""
+def peft_prompt_config(prompt: torch.Tensor, config, base: str) -> dict:
+    """adapter_config.json of a PEFT prompt-tuning adapter holding `prompt` (P, d) for a model `config`."""
+    return {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+            "inference_mode": True, "num_virtual_tokens": prompt.shape[0], "token_dim": prompt.shape[1],
+            "num_transformer_submodules": 1, "num_attention_heads": config.num_attention_heads,
+            "num_layers": config.num_hidden_layers, "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "revision": None,
+            "modules_to_save": None}
+
+
+def router(route: Route, model=None, tokenizer=None, bank: torch.Tensor | None = None,
+           layers: tuple[int, ...] = (0,)) -> Callable[[str], int | None]:
+    """Example text -> bank row. attention and entropy run the model on the text (its tokens as
+    `encode_pair` makes them, no special tokens) with the bank's keys and values cached once."""
     if route.kind == "fixed":
         return lambda text: route.index
+    if route.kind in ("attention", "entropy"):
+        from rechannel.ops.routing import bank_kv, choose
+
+        kv = bank_kv(model, bank)
+        return lambda text: choose(model, tokenizer, kv, text, route.kind, layers)
     return lambda text: None

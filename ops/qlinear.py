@@ -76,8 +76,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from rechannel.ops.prune import use_triton
 
-        if use_triton(x) and x.numel() // self.in_features > FUSED_MAX_TOKENS and x.is_cuda:
-            # a long prefill is compute-bound: de-quantize this layer once (transiently) and use the GEMM
+        long_prefill = x.numel() // self.in_features > FUSED_MAX_TOKENS
+        needs_grad = x.requires_grad and torch.is_grad_enabled()  # prompts and adapters train through W
+        if use_triton(x) and x.is_cuda and (long_prefill or needs_grad):
+            # compute-bound, or differentiated: de-quantize this layer (transiently) and use the GEMM
             return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
         if use_triton(x):
             from rechannel.triton_kernels.quant import matmul

@@ -1,0 +1,93 @@
+"""`rechannel route`: pick a bank's prompt for every input record (IDP), JSONL in and out."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from rechannel.cli import options
+from rechannel.ops.errors import unknown_choice
+
+
+def load_bank(path: str, lm: Any) -> Any:
+    """The bank's prompts (M, P, d), refused when trained for another model."""
+    from rechannel.cli.artifacts import load_artifact
+    from rechannel.ops.prompts import BANK_KIND, Route, check_bank
+
+    tensors, _ = load_artifact(path, kind=BANK_KIND, fingerprint=lm.fingerprint, model=lm.spec, names=["prompts"])
+    check_bank(tensors["prompts"], lm.model.get_input_embeddings().weight.shape[1], Route("none"), path)
+    return tensors["prompts"]
+
+
+def _batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Indices in batches of at most `size` inputs of similar length (less padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def route_records(lm: Any, bank: Any, texts: list[str], by: str, layers: list[int], batch_size: int,
+                  advance) -> list[tuple[int, list[float]]]:
+    """(chosen prompt, scores) per text, in input order."""
+    from rechannel.ops.loglik import _pad_rows
+    from rechannel.ops.routing import bank_kv, route
+
+    kv = bank_kv(lm.model, bank)
+    fallback = lm.tokenizer.eos_token_id
+    ids = [lm.tokenizer(t, add_special_tokens=False).input_ids or [fallback] for t in texts]
+    out: list[Any] = [None] * len(texts)
+    for chunk in _batches([len(x) for x in ids], batch_size):
+        rows = [ids[i] for i in chunk]
+        batch, mask = _pad_rows(rows, max(len(r) for r in rows), lm.tokenizer.pad_token_id or 0)
+        chosen, scores = route(lm.model, kv, batch, mask, by, layers)
+        for i, k, s in zip(chunk, chosen.tolist(), scores.tolist(), strict=True):
+            out[i] = (k, [round(v, 6) for v in s])
+        advance(len(chunk))
+    return out
+
+
+def route_command(
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="The prompt bank (.safetensors) from train-prompts.")],
+    by: Annotated[str, typer.Option(help="attention (IDP: the prompt the input attends to most) or entropy "
+                                         "(the prompt under which the model is least uncertain; M passes).")] = "attention",
+    field: Annotated[str, typer.Option(help="The record field holding the text to route.")] = "text",
+    layers: Annotated[str, typer.Option(help="Layers attention routing reads: first (the first 1/8: cheap), all, "
+                                             "A:B or i,j,k.")] = "first",
+    input: Annotated[str, typer.Option("--input", "-i", help="JSONL records ('-' = stdin).")] = "-",
+    output: Annotated[str, typer.Option("--output", "-o", help="Where the records go ('-' = stdout).")] = "-",
+    batch_size: Annotated[int, typer.Option(min=1, help="Inputs per forward batch.")] = 8,
+    model: options.Model = "smollm2-135m",
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    trust_remote_code: options.TrustRemoteCode = False,
+) -> None:
+    """Choose a prompt of the bank for every record; each record gains "route".
+
+    [bold]Examples[/bold]
+
+      rechannel route --model out/wanda50 --prompts bank.safetensors < questions.jsonl > routed.jsonl
+      rechannel route -m out/gptq3 -p bank.safetensors --field question --by entropy -i q.jsonl | jq .route.prompt
+      rechannel route -m out/wanda50 -p bank.safetensors --layers all < q.jsonl
+
+    The prompts' keys and values are computed once; each input then runs once with every prompt in front of it (each at the positions it was trained at) and the prompt that receives the most attention from the input's tokens (mean over heads, tokens and --layers) is chosen. The record gains "route": {"prompt", "scores", "by", "layers"}.
+    """
+    from rechannel.cli.console import progress
+    from rechannel.cli.jsonl import JsonlWriter
+    from rechannel.ops.blocks import decoder_blocks
+    from rechannel.ops.records import read_jsonl
+    from rechannel.ops.routing import BY, parse_layers
+
+    if by not in BY:
+        raise unknown_choice("by", by, BY)
+    records = read_jsonl(input, require=(field,))
+    texts = [r.field(field, str) for r in records]
+    lm = options.load(model, device, dtype, trust_remote_code)
+    bank = load_bank(prompts, lm)
+    picked = parse_layers(layers, len(decoder_blocks(lm.model)))
+    with progress() as bar:
+        task = bar.add_task(f"routing by {by}", total=len(texts))
+        routes = route_records(lm, bank, texts, by, picked, batch_size, lambda n: bar.advance(task, n))
+    with JsonlWriter(output) as out:
+        for rec, (k, scores) in zip(records, routes, strict=True):
+            info = {"prompt": k, "scores": scores, "by": by, **({"layers": picked} if by == "attention" else {})}
+            out.write({**rec.data, "route": info})

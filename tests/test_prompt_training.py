@@ -1,0 +1,208 @@
+"""train-prompts and route on tiny models: losses against float64, the training contract, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_llama, run_cli
+from rechannel.ops.models import load_model
+from rechannel.ops.prompt_training import (
+    PromptTrainConfig,
+    TrainState,
+    assign,
+    init_bank,
+    token_loss,
+    train_prompts,
+)
+from rechannel.ops.routing import attention_scores, bank_kv
+
+TRAIN = ("--num-prompts", "3", "--prompt-len", "4", "--batch", "4", "--seqlen", "16")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return load_model(str(tiny_model), device="cpu")
+
+
+def test_losses_equal_float64_formulas():
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(2, 5, 11) * 3, torch.randn(2, 5, 11) * 3
+    ids = torch.randint(0, 11, (2, 5))
+    p_t = torch.softmax(teacher.double(), -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(logits.double(), -1))).sum(-1).mean(1)
+    torch.testing.assert_close(token_loss("kd", logits, ids, teacher).double(), kl, rtol=1e-5, atol=1e-6)
+    ce = torch.stack([torch.nn.functional.cross_entropy(logits[b, :-1].double(), ids[b, 1:]) for b in range(2)])
+    torch.testing.assert_close(token_loss("lm", logits, ids, None).double(), ce, rtol=1e-5, atol=1e-6)
+    assert token_loss("kd", teacher, ids, teacher).abs().max() < 1e-6  # KL of a distribution with itself
+
+
+def test_init_from_vocabulary_and_from_text(lm):
+    table = lm.model.get_input_embeddings().weight
+    bank = init_bank(lm.model, lm.tokenizer, 3, 4, "vocab", 0)
+    assert bank.shape == (3, 4, 64)
+    assert all(any(torch.equal(row, t) for t in table) for row in bank.reshape(-1, 64))
+    bank = init_bank(lm.model, lm.tokenizer, 2, 5, "text:Paris", 0)
+    ids = lm.tokenizer("Paris", add_special_tokens=False).input_ids
+    want = table[torch.tensor(ids * 5)[:5]]
+    assert torch.equal(bank[0], want) and not torch.equal(bank[1], want)
+    torch.testing.assert_close(bank[1], want, rtol=0, atol=0.1 * table.std().item())
+
+
+def test_assignment_rules(lm):
+    torch.manual_seed(3)
+    bank, ids = torch.randn(3, 4, 64), torch.randint(3, 300, (5, 9))
+    cfg = PromptTrainConfig(prompts=3, length=4, assign="router", route_layers=(0, 1))
+    want = attention_scores(lm.model, bank_kv(lm.model, bank), ids, torch.ones_like(ids), [0, 1]).argmax(1)
+    assert torch.equal(assign(lm.model, bank, ids, cfg, 0), want)
+    rnd = PromptTrainConfig(prompts=3, length=4, assign="random", seed=1)
+    assert torch.equal(assign(lm.model, bank, ids, rnd, 7), assign(lm.model, bank, ids, rnd, 7))
+    assert not torch.equal(assign(lm.model, bank, ids, rnd, 7), assign(lm.model, bank, ids, rnd, 8))
+    every = PromptTrainConfig(prompts=3, length=4, assign="all")
+    assert assign(lm.model, bank, ids, every, 0).tolist() == [0, 1, 2] * 5
+
+
+class HiddenPromptTeacher(torch.nn.Module):
+    """The model itself behind a fixed prompt: a teacher whose behaviour a prompt can match exactly."""
+
+    def __init__(self, model, prompt):
+        super().__init__()
+        self.model, self.prompt = model, prompt
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, input_ids, use_cache=False):
+        embeds = torch.cat([self.prompt.expand(len(input_ids), -1, -1), self.model.get_input_embeddings()(input_ids)], 1)
+        out = self.model(inputs_embeds=embeds, use_cache=False)
+        out.logits = out.logits[:, self.prompt.shape[1]:]
+        return out
+
+
+def test_kd_training_finds_a_hidden_prompt_and_changes_only_the_prompts(tiny_model):
+    lm = load_model(str(tiny_model), device="cpu")
+    with torch.no_grad():  # a random model at its init scale barely reacts to its input; sharpen it
+        lm.model.get_input_embeddings().weight.mul_(20)
+        lm.model.lm_head.weight.mul_(20)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    table = lm.model.get_input_embeddings().weight
+    teacher = HiddenPromptTeacher(lm.model, table[torch.tensor([[40, 41, 42, 43]])])
+    torch.manual_seed(0)
+    windows = torch.randint(3, 300, (64, 12))
+    cfg = PromptTrainConfig(prompts=1, length=4, objective="kd", steps=30, lr=0.3, batch=4)
+    losses = []
+    state = train_prompts(lm.model, teacher, windows, cfg, TrainState(init_bank(lm.model, lm.tokenizer, 1, 4, "vocab", 0)),
+                          on_step=lambda rec, st: losses.append(rec.loss))
+    assert sum(losses[-5:]) < 0.3 * sum(losses[:5]), losses
+    assert state.step == 30 and state.counts == [120] and set(state.adam) == {"exp_avg", "exp_avg_sq"}
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def _train(tiny_model, docs_file, out, *extra):
+    return run_cli("train-prompts", "--model", str(tiny_model), "--data", str(docs_file), *TRAIN, "-o", str(out), *extra)
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tiny_model, docs_file, tmp_path):
+    whole = _train(tiny_model, docs_file, tmp_path / "a.safetensors", "--objective", "lm", "--steps", "6")
+    assert whole.returncode == 0, whole.stderr
+    log = tmp_path / "b.log"
+    args = ("--objective", "lm", "--save-every", "3", "--log", str(log))
+    assert _train(tiny_model, docs_file, tmp_path / "b.safetensors", *args, "--steps", "3").returncode == 0
+    r = _train(tiny_model, docs_file, tmp_path / "b.safetensors", *args, "--steps", "6", "--resume")
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(tmp_path / "a.safetensors")["prompts"], load_file(tmp_path / "b.safetensors")["prompts"]
+    assert torch.equal(a, b)
+    steps = [orjson.loads(line)["step"] for line in log.read_bytes().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 6 and summary["parameters"] == 3 * 4 * 64 and abs(sum(summary["assignment"]) - 1) < 1e-3
+    other = _train(tiny_model, docs_file, tmp_path / "b.safetensors", *args, "--steps", "9", "--resume", "--lr", "0.5")
+    assert other.returncode == 1 and "other settings (lr)" in other.stderr.decode()
+
+
+def test_kd_needs_a_teacher_with_the_same_vocabulary(tiny_model, docs_file, tmp_path):
+    r = _train(tiny_model, docs_file, tmp_path / "x.safetensors", "--steps", "1")
+    assert r.returncode == 1 and "needs a teacher" in r.stderr.decode()
+    from transformers import AutoTokenizer
+
+    other = make_tiny_llama(tmp_path / "other", seed=1)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    r = _train(tiny_model, docs_file, tmp_path / "x.safetensors", "--steps", "1", "--teacher", str(other))
+    assert r.returncode == 1 and "another vocabulary" in r.stderr.decode()
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def bank_file(tiny_model, docs_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bank") / "bank.safetensors"
+    peft_dir = out.parent / "peft"
+    r = _train(tiny_model, docs_file, out, "--teacher", str(tiny_model), "--steps", "2", "--export-peft",
+               str(peft_dir), "--member", "1")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_peft_export_gives_peft_the_same_logits(tiny_model, bank_file):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    prompt = load_file(bank_file)["prompts"][1]  # (P, d)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.tensor([[5, 17, 42, 9, 100]])
+    with torch.no_grad():
+        ours = base(inputs_embeds=torch.cat([prompt[None], base.get_input_embeddings()(ids)], 1)).logits[:, 4:]
+        peft_model = PeftModel.from_pretrained(base, bank_file.parent / "peft")
+        theirs = peft_model(input_ids=ids).logits[:, -5:]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_route_cli_matches_ops_and_keeps_the_records(tiny_model, bank_file, lm, tmp_path):
+    texts = ["The capital of France is", "two plus two", "Compression removes weights, and prompts redirect"]
+    lines = b"".join(orjson.dumps({"text": t, "id": i}) + b"\n" for i, t in enumerate(texts))
+    r = run_cli("route", "--model", str(tiny_model), "-p", str(bank_file), "--layers", "all", "--batch-size", "2",
+                input=lines)
+    assert r.returncode == 0, r.stderr
+    out = [orjson.loads(line) for line in r.stdout.splitlines()]
+    kv = bank_kv(lm.model, load_file(bank_file)["prompts"])
+    for i, (rec, text) in enumerate(zip(out, texts, strict=True)):
+        assert rec["id"] == i and rec["text"] == text and rec["route"]["by"] == "attention"
+        ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        scores = attention_scores(lm.model, kv, ids, torch.ones_like(ids), [0, 1])[0]  # one at a time, unpadded
+        assert rec["route"]["scores"] == pytest.approx(scores.tolist(), abs=1e-5)
+        assert rec["route"]["prompt"] == int(scores.argmax())
+
+
+def test_route_refuses_bad_input_and_foreign_banks(tiny_model, bank_file, tmp_path):
+    out = tmp_path / "routed.jsonl"
+    r = run_cli("route", "--model", str(tiny_model), "-p", str(bank_file), "-o", str(out),
+                input=b'{"text": "fine"}\n{"text": 3}\n')
+    assert r.returncode == 1 and r.stderr.decode().startswith("error: <stdin>:2:") and not out.exists()
+    other = make_tiny_llama(tmp_path / "other", seed=5)
+    r = run_cli("route", "--model", str(other), "-p", str(bank_file), input=b'{"text": "fine"}\n')
+    assert r.returncode == 1 and "was made for model" in r.stderr.decode()
+    r = run_cli("route", "--model", str(tiny_model), "-p", str(bank_file), "--by", "attentoin", input=b'{"text": "a"}\n')
+    assert r.returncode == 1 and "attention" in r.stderr.decode()
+
+
+def test_eval_routes_inline_as_route_does(tiny_model, bank_file, tmp_path):
+    data = tmp_path / "mc.jsonl"
+    rows = [{"id": i, "context": c, "choices": [" yes", " no"], "gold": 0}
+            for i, c in enumerate(["The capital of France is Paris?", "Is two plus two four?", "A quick brown fox"])]
+    data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    r = run_cli("eval", "--model", str(tiny_model), "--data", str(data), "--prompts", str(bank_file),
+                "--route", "attention", "--layers", "all", "-o", str(tmp_path / "res.json"))
+    assert r.returncode == 0, r.stderr
+    got = {rec["id"]: rec["prompt"] for rec in map(orjson.loads, r.stdout.splitlines())}
+    routed = run_cli("route", "--model", str(tiny_model), "-p", str(bank_file), "--field", "context", "--layers", "all",
+                     input=data.read_bytes())
+    want = {str(rec["id"]): rec["route"]["prompt"] for rec in map(orjson.loads, routed.stdout.splitlines())}
+    assert got == want
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["config"]["prompts"]["route"] == "attention" and res["config"]["extra_parameters"] == 3 * 4 * 64

@@ -1,0 +1,125 @@
+"""Routing against a naive eager computation of the same definitions, on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rechannel.ops.errors import UserError
+from rechannel.ops.models import load_model
+from rechannel.ops.routing import (
+    attention_scores,
+    bank_kv,
+    eager_attention,
+    entropy_scores,
+    parse_layers,
+    prompted_logits,
+    route,
+)
+
+M, P = 3, 5
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return load_model(str(tiny_model), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def bank():
+    torch.manual_seed(1)
+    return torch.randn(M, P, 64)
+
+
+def _batch():
+    """Two inputs, the second right-padded: ids (2, 7), mask (2, 7)."""
+    torch.manual_seed(2)
+    ids = torch.randint(3, 300, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    return ids, mask
+
+
+def naive_scores(model, bank, ids, mask, layers):
+    """The definition, spelled out: one sequence [prompt 1, ..., prompt M, input] as embeddings, a
+    hand-built mask (each prompt causal within itself only; the input sees all prompts and its own
+    past), positions 0..P-1 for every prompt and P.. for the input; attention weights read from eager
+    attention; mass on each prompt's keys averaged over heads, real input tokens and layers."""
+    b, t = ids.shape
+    embeds = torch.cat([bank.reshape(1, M * P, -1).expand(b, -1, -1), model.get_input_embeddings()(ids)], 1)
+    s = M * P + t
+    allow = torch.zeros(b, s, s, dtype=torch.bool)
+    for k in range(M):
+        allow[:, k * P:(k + 1) * P, k * P:(k + 1) * P] = torch.tril(torch.ones(P, P, dtype=torch.bool))
+    allow[:, M * P:, :M * P] = True
+    allow[:, M * P:, M * P:] = torch.tril(torch.ones(t, t, dtype=torch.bool)) & mask.bool()[:, None, :]
+    allow |= torch.eye(s, dtype=torch.bool)  # padded rows see themselves (their scores are not used)
+    additive = torch.zeros(b, 1, s, s).masked_fill(~allow[:, None], torch.finfo(torch.float32).min)
+    positions = torch.cat([torch.arange(P).repeat(M), P + torch.arange(t)]).expand(b, -1)
+    weights = []
+    hooks = [blk.self_attn.register_forward_hook(lambda m, a, o: weights.append(o[1].double()))
+             for blk in model.model.layers]
+    with torch.no_grad(), eager_attention(model):
+        model(inputs_embeds=embeds, attention_mask=additive, position_ids=positions)
+    for h in hooks:
+        h.remove()
+    out = torch.zeros(b, M, dtype=torch.float64)
+    for i in layers:
+        mass = weights[i][:, :, M * P:, :M * P].reshape(b, -1, t, M, P).sum(-1).mean(1)  # (B, T, M)
+        out += (mass * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    return out / len(layers)
+
+
+@pytest.mark.parametrize("layers", [[0, 1], [0], [1]])
+def test_cached_one_pass_scores_equal_the_naive_computation(lm, bank, layers):
+    ids, mask = _batch()
+    got = attention_scores(lm.model, bank_kv(lm.model, bank), ids, mask, layers)
+    torch.testing.assert_close(got.double(), naive_scores(lm.model, bank, ids, mask, layers), rtol=0, atol=1e-5)
+    assert got.shape == (2, M) and (got > 0).all() and (got.sum(1) < 1).all()
+
+
+def test_prompt_through_the_cache_equals_prompt_as_embeddings(lm, bank):
+    ids, mask = _batch()
+    rows = torch.tensor([2, 0])
+    got = prompted_logits(lm.model, bank_kv(lm.model, bank), rows, ids, mask)
+    embeds = torch.cat([bank[rows], lm.model.get_input_embeddings()(ids)], 1)
+    full_mask = torch.cat([torch.ones(2, P, dtype=torch.long), mask], 1)
+    with torch.no_grad():
+        want = lm.model(inputs_embeds=embeds, attention_mask=full_mask).logits[:, P:]
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)
+
+
+def test_entropy_route_picks_the_least_uncertain_prompt(lm, bank):
+    ids, mask = _batch()
+    kv = bank_kv(lm.model, bank)
+    got = entropy_scores(lm.model, kv, ids, mask)
+    for k in range(M):
+        embeds = torch.cat([bank[k].expand(2, -1, -1), lm.model.get_input_embeddings()(ids)], 1)
+        full_mask = torch.cat([torch.ones(2, P, dtype=torch.long), mask], 1)
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(inputs_embeds=embeds, attention_mask=full_mask).logits[:, P:].double(), -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        want = (entropy * mask).sum(1) / mask.sum(1)
+        torch.testing.assert_close(got[:, k].double(), want, rtol=1e-5, atol=1e-6)
+    chosen, scores = route(lm.model, kv, ids, mask, "entropy", [0])
+    assert torch.equal(chosen, got.argmin(1)) and torch.equal(scores, got)
+
+
+def test_attention_route_is_the_argmax_and_attention_is_restored(lm, bank):
+    ids, mask = _batch()
+    before = lm.model.config._attn_implementation
+    chosen, scores = route(lm.model, bank_kv(lm.model, bank), ids, mask, "attention", [0, 1])
+    assert torch.equal(chosen, scores.argmax(1))
+    assert lm.model.config._attn_implementation == before
+
+
+def test_parse_layers():
+    assert parse_layers("first", 30) == [0, 1, 2, 3]
+    assert parse_layers("first", 2) == [0]
+    assert parse_layers("all", 3) == [0, 1, 2]
+    assert parse_layers("2:5", 30) == [2, 3, 4]
+    assert parse_layers("7,3,3", 30) == [3, 7]
+    for bad in ("30", "x", "5:2", "-1"):
+        with pytest.raises(UserError, match="--layers"):
+            parse_layers(bad, 30)
