@@ -12,8 +12,8 @@ from rechannel.cli import options
 from rechannel.cli.calibrate import Data, Docs, Field, load_texts
 from rechannel.ops.errors import UserError
 
-CKPT_KIND = "prompt-bank-checkpoint"
-RESUME_FREE = ("steps", "save_every", "log", "export_peft", "member", "resume")  # may change on --resume
+CKPT_KIND = "training-checkpoint"
+RESUME_FREE = ("steps", "save_every", "log")  # may change on --resume
 
 
 def checkpoint_path(output: str) -> Path:
@@ -43,7 +43,7 @@ def load_teacher(spec: str, lm: Any, device: str, dtype: str, trust_remote_code:
 def _resume(output: str, args: dict[str, Any], fingerprint: str) -> Any:
     """The checkpoint's training state, after checking it belongs to this very run."""
     from rechannel.cli.artifacts import load_artifact
-    from rechannel.ops.prompt_training import TrainState
+    from rechannel.ops.training import ADAM_KEYS, TrainState
 
     path = checkpoint_path(output)
     if not path.exists():
@@ -54,8 +54,8 @@ def _resume(output: str, args: dict[str, Any], fingerprint: str) -> Any:
     if was != fixed:
         diff = sorted(k for k in set(was) | set(fixed) if was.get(k) != fixed.get(k))
         raise UserError(f"--resume: {path} was made with other settings ({', '.join(diff)})")
-    return TrainState(tensors["prompts"], meta["step"], {k: tensors[k] for k in ("exp_avg", "exp_avg_sq")},
-                      meta["counts"])
+    adam = {k: v for k, v in tensors.items() if k.endswith(ADAM_KEYS)}
+    return TrainState({k: v for k, v in tensors.items() if k not in adam}, meta["step"], adam, meta["counts"])
 
 
 def _save_checkpoint(output: str, state: Any, provenance: Any) -> None:
@@ -63,7 +63,7 @@ def _save_checkpoint(output: str, state: Any, provenance: Any) -> None:
 
     from rechannel.cli.artifacts import save_artifact
 
-    save_artifact(checkpoint_path(output), {"prompts": state.bank, **state.adam},
+    save_artifact(checkpoint_path(output), {**state.params, **state.adam},
                   replace(provenance, kind=CKPT_KIND, extra={"step": state.step, "counts": state.counts}))
 
 
@@ -80,24 +80,25 @@ def _trim_log(path: str, step: int) -> None:
                 f.write(line + b"\n")
 
 
-def export_peft(out_dir: str, prompt: Any, model: Any, base: str) -> None:
-    """One prompt (P, d) as a PEFT prompt-tuning adapter (adapter_config.json + adapter_model.safetensors)."""
+def write_peft(out_dir: str, config: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors), atomically."""
     import json
 
     from safetensors.torch import save_file
 
     from rechannel.ops.atomic import atomic_path
-    from rechannel.ops.prompts import peft_prompt_config
 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        (tmp / "adapter_config.json").write_text(json.dumps(peft_prompt_config(prompt, model.config, base), indent=2))
-        save_file({"prompt_embeddings": prompt.contiguous()}, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+                  str(tmp / "adapter_model.safetensors"))
 
 
 def train_prompts_command(
     data: Data,
-    output: Annotated[str, typer.Option("--output", "-o", help="The prompt bank (.safetensors).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The prompt bank (.safetensors), or with --method lora the PEFT adapter directory.")],
+    method: Annotated[str, typer.Option(help="prompts (a bank of soft prompts) or lora (the re-training baseline).")] = "prompts",
     teacher: Annotated[str | None, typer.Option(help="The dense model for --objective kd [default: the model this one was compressed from].", show_default=False)] = None,
     field: Field = "text",
     docs: Docs = "",
@@ -106,102 +107,163 @@ def train_prompts_command(
     objective: Annotated[str, typer.Option(help="kd: KL(teacher || student) per token; lm: next-token cross-entropy.")] = "kd",
     assign: Annotated[str, typer.Option(help="Which prompt a window trains: router (as `route` picks), random, all.")] = "router",
     layers: Annotated[str, typer.Option(help="Layers the router reads: first (the first 1/8), all, A:B or i,j,k.")] = "first",
+    rank: Annotated[int, typer.Option(min=1, help="lora: rank r of each adapter.")] = 8,
+    alpha: Annotated[float, typer.Option(min=0.0, help="lora: scale numerator (the update is alpha/r * B A).")] = 16.0,
+    targets: Annotated[str, typer.Option(help="lora: the projections to adapt, by name.")] = "q_proj,v_proj",
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 300,
-    lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 3e-2,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="AdamW learning rate [default: 3e-2 for prompts, 1e-3 for lora].", show_default=False)] = None,
     batch: Annotated[int, typer.Option(min=1, help="Windows per step.")] = 8,
     seqlen: Annotated[int, typer.Option(min=2, help="Tokens per training window.")] = 256,
-    init: Annotated[str, typer.Option(help='vocab (embeddings of random frequent tokens) or text:"some words".')] = "vocab",
+    init: Annotated[str, typer.Option(help='prompts: vocab (embeddings of random frequent tokens) or text:"some words".')] = "vocab",
     seed: Annotated[int, typer.Option(help="Seed of the window draw, the init and random assignment.")] = 0,
     save_every: Annotated[int, typer.Option(min=0, help="Write a checkpoint (OUTPUT.ckpt) every N steps; 0: never.")] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.ckpt (same settings; --steps may grow).")] = False,
     log: Annotated[str | None, typer.Option(help="Loss curve, one JSON record per step.")] = None,
-    export_peft_dir: Annotated[str | None, typer.Option("--export-peft", help="Also write prompt --member as a PEFT prompt-tuning adapter directory.")] = None,
+    export_peft_dir: Annotated[str | None, typer.Option("--export-peft", help="prompts: also write prompt --member as a PEFT prompt-tuning adapter directory.")] = None,
     member: Annotated[int, typer.Option(min=0, help="The bank row --export-peft writes.")] = 0,
     model: options.Model = "smollm2-135m",
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     trust_remote_code: options.TrustRemoteCode = False,
 ) -> None:
-    """Train a bank of soft prompts on a frozen model; only the prompts learn.
+    """Train a bank of soft prompts (or a LoRA adapter) on a frozen model; only they learn.
 
     [bold]Examples[/bold]
 
       rechannel train-prompts --model out/wanda50 --data c4.jsonl --docs 500:1000 --num-prompts 4 -o bank.safetensors
       rechannel train-prompts --model out/gptq3 --data c4.jsonl --num-prompts 1 --objective lm --steps 100 -o one.safetensors
+      rechannel train-prompts --model out/wanda50 --data c4.jsonl --method lora --rank 8 -o lora-wanda50
       rechannel train-prompts --model out/wanda50 --data c4.jsonl -o bank.safetensors --resume --steps 600
 
-    Windows of --seqlen tokens are drawn from the documents (seeded, as calibration draws them). With --objective kd the teacher is the dense model the compressed one was made from, unless --teacher names another (same tokenizer required). Each window trains the prompt the router picks (--assign router), so the prompts specialise. Stdout: one JSON summary line.
+    Windows of --seqlen tokens are drawn from the documents (seeded, as calibration draws them). With --objective kd the teacher is the dense model the compressed one was made from, unless --teacher names another (same tokenizer required). Each window trains the prompt the router picks (--assign router), so the prompts specialise. --method lora trains the re-training baseline on the same windows and objective and writes a PEFT adapter directory (eval --adapter). Stdout: one JSON summary line.
     """
-    from rechannel.cli.artifacts import Provenance, save_artifact
     from rechannel.cli.console import progress
     from rechannel.cli.jsonl import STDIO, JsonlWriter
-    from rechannel.ops.blocks import decoder_blocks
     from rechannel.ops.calibration import draw_windows
-    from rechannel.ops.prompt_training import PromptTrainConfig, TrainState, init_bank
-    from rechannel.ops.routing import parse_layers
 
+    if method not in ("prompts", "lora"):
+        raise UserError(f"--method {method!r}: expected prompts or lora")
     t0 = time.perf_counter()
     lm = options.load(model, device, dtype, trust_remote_code)
-    cfg = PromptTrainConfig(num_prompts, prompt_len, objective, assign, steps, lr, batch,
-                            route_layers=tuple(parse_layers(layers, len(decoder_blocks(lm.model)))), seed=seed)
-    cfg.check()
-    if member >= num_prompts:
-        raise UserError(f"--member {member}: the bank has {num_prompts} prompts (0..{num_prompts - 1})")
+    lr = lr if lr is not None else (3e-2 if method == "prompts" else 1e-3)
+    args = {"method": method, "data": data, "field": field, "docs": docs, "objective": objective, "steps": steps,
+            "lr": lr, "batch": batch, "seqlen": seqlen, "seed": seed, "save_every": save_every, "log": log}
+    if method == "prompts":
+        job = _bank_job(lm, args, output, num_prompts, prompt_len, assign, layers, init, member, export_peft_dir)
+    else:
+        job = _lora_job(lm, args, output, rank, alpha, targets)
     texts = load_texts(data, field, docs)
     teacher_lm = None
     if objective == "kd":
-        teacher = teacher or default_teacher(lm)
+        args["teacher"] = teacher = teacher or default_teacher(lm)
         teacher_lm = load_teacher(teacher, lm, device, dtype, trust_remote_code)
-    args = {"data": data, "field": field, "docs": docs, "num_prompts": num_prompts, "prompt_len": prompt_len,
-            "objective": objective, "assign": assign, "layers": list(cfg.route_layers), "steps": steps, "lr": lr,
-            "batch": batch, "seqlen": seqlen, "init": init, "seed": seed, "teacher": teacher if objective == "kd" else None,
-            "save_every": save_every, "log": log}
-    provenance = Provenance("prompt-bank", model, lm.fingerprint, args)
-    if resume:
-        state = _resume(output, args, lm.fingerprint)
-        if log:
-            _trim_log(log, state.step)
-    else:
-        state = TrainState(init_bank(lm.model, lm.tokenizer, num_prompts, prompt_len, init, seed))
-        if log:
-            _trim_log(log, 0)
-    if state.step >= steps:
-        raise UserError(f"--resume: the checkpoint is at step {state.step}, nothing left to do with --steps {steps}")
+    provenance = _provenance(lm, model, args)
+    state = _start(output, args, lm, job["init"], resume, log)
     windows = draw_windows(texts, lm.tokenizer, steps * batch, seqlen, seed)
-    state, loss = _run(lm, teacher_lm, windows, cfg, state, output, provenance, log, save_every, progress)
-    extra = {"prompts": num_prompts, "length": prompt_len, "objective": objective, "init": init, "steps": steps,
-             "final_loss": loss, "assignment": [round(c / max(sum(state.counts), 1), 4) for c in state.counts],
-             "parameters": state.bank.numel()}
-    save_artifact(output, {"prompts": state.bank}, Provenance("prompt-bank", model, lm.fingerprint, args, extra))
-    if export_peft_dir:
-        export_peft(export_peft_dir, state.bank[member], lm.model, model)
+    state, loss = _run(job["train"], teacher_lm, windows, state, output, provenance, log, save_every, steps,
+                       job["label"], progress)
+    extra = job["save"](state, loss, provenance)
     with JsonlWriter(STDIO) as out:
         out.write({"output": output, "model": model, "fingerprint": lm.fingerprint, **extra,
-                   "peft": export_peft_dir, "seconds": round(time.perf_counter() - t0, 2)})
+                   "seconds": round(time.perf_counter() - t0, 2)})
 
 
-def _run(lm, teacher_lm, windows, cfg, state, output, provenance, log, save_every, progress) -> tuple[Any, float]:
+def _provenance(lm: Any, model: str, args: dict[str, Any]) -> Any:
+    from rechannel.cli.artifacts import Provenance
+
+    return Provenance("prompt-bank", model, lm.fingerprint, args)
+
+
+def _start(output: str, args: dict[str, Any], lm: Any, init: Any, resume: bool, log: str | None) -> Any:
+    """The state to train from: the checkpoint's with --resume, else a fresh one; the log trimmed to it."""
+    from rechannel.ops.training import TrainState
+
+    state = _resume(output, args, lm.fingerprint) if resume else TrainState(init())
+    if state.step >= args["steps"]:
+        raise UserError(f"--resume: the checkpoint is at step {state.step}, nothing left to do with --steps {args['steps']}")
+    if log:
+        _trim_log(log, state.step)
+    return state
+
+
+def _bank_job(lm: Any, args: dict[str, Any], output: str, num_prompts: int, prompt_len: int, assign: str, layers: str,
+              init: str, member: int, export_dir: str | None) -> dict[str, Any]:
+    """What a prompt bank run initialises, trains and writes."""
+    from rechannel.cli.artifacts import Provenance, save_artifact
+    from rechannel.ops.blocks import decoder_blocks
+    from rechannel.ops.prompt_training import PromptTrainConfig, init_bank, train_prompts
+    from rechannel.ops.prompts import peft_prompt_config
+    from rechannel.ops.routing import parse_layers
+
+    picked = tuple(parse_layers(layers, len(decoder_blocks(lm.model))))
+    cfg = PromptTrainConfig(num_prompts, prompt_len, args["objective"], assign, args["steps"], args["lr"],
+                            args["batch"], route_layers=picked, seed=args["seed"])
+    cfg.check()
+    if member >= num_prompts:
+        raise UserError(f"--member {member}: the bank has {num_prompts} prompts (0..{num_prompts - 1})")
+    args.update(num_prompts=num_prompts, prompt_len=prompt_len, assign=assign, layers=list(picked), init=init)
+
+    def save(state: Any, loss: float, prov: Any) -> dict[str, Any]:
+        bank = state.params["prompts"]
+        shares = [round(c / max(sum(state.counts), 1), 4) for c in state.counts]
+        extra = {"method": "prompts", "prompts": num_prompts, "length": prompt_len, "objective": cfg.objective,
+                 "init": init, "steps": cfg.steps, "final_loss": loss, "assignment": shares, "parameters": bank.numel()}
+        save_artifact(output, {"prompts": bank}, Provenance(prov.kind, prov.model, prov.fingerprint, args, extra))
+        if export_dir:
+            write_peft(export_dir, peft_prompt_config(bank[member], lm.model.config, prov.model),
+                       {"prompt_embeddings": bank[member]})
+        return {**extra, "peft": export_dir}
+
+    return {"label": f"{num_prompts}x{prompt_len} prompts", "save": save,
+            "init": lambda: {"prompts": init_bank(lm.model, lm.tokenizer, num_prompts, prompt_len, init, args["seed"])},
+            "train": lambda teacher, windows, state, on_step: train_prompts(lm.model, teacher, windows, cfg, state, on_step)}
+
+
+def _lora_job(lm: Any, args: dict[str, Any], output: str, rank: int, alpha: float, targets: str) -> dict[str, Any]:
+    """What a LoRA run initialises, trains and writes (a PEFT adapter directory)."""
+    from rechannel.ops.lora import lora_parameters, peft_lora_config
+    from rechannel.ops.lora_training import LoraTrainConfig, init_lora, train_lora
+
+    names = tuple(t.strip() for t in targets.split(",") if t.strip())
+    cfg = LoraTrainConfig(rank, alpha, names, args["objective"], args["steps"], args["lr"], args["batch"], args["seed"])
+    cfg.check()
+    wrapped = init_lora(lm.model, cfg)
+    args.update(rank=rank, alpha=alpha, targets=list(names))
+
+    def save(state: Any, loss: float, prov: Any) -> dict[str, Any]:
+        write_peft(output, peft_lora_config(rank, alpha, list(names), prov.model), state.params)
+        return {"method": "lora", "rank": rank, "alpha": alpha, "targets": list(names), "modules": len(wrapped),
+                "objective": cfg.objective, "steps": cfg.steps, "final_loss": loss,
+                "parameters": sum(t.numel() for t in state.params.values())}
+
+    return {"label": f"LoRA r={rank}", "save": save,
+            "init": lambda: {k: p.detach().float().cpu().clone() for k, p in lora_parameters(wrapped).items()},
+            "train": lambda teacher, windows, state, on_step: train_lora(lm.model, wrapped, teacher, windows, cfg,
+                                                                         state, on_step)}
+
+
+def _run(train, teacher_lm, windows, state, output, provenance, log, save_every, steps, label,
+         progress) -> tuple[Any, float]:
     """The training loop with its progress bar, loss log and checkpoints: (final state, last step's loss)."""
     from rechannel.cli.jsonl import dumps
-    from rechannel.ops.prompt_training import train_prompts
 
     last = {"loss": float("nan")}
     log_file = open(log, "ab") if log else None  # noqa: SIM115 -- appended per step, closed below
     try:
         with progress() as bar:
-            task = bar.add_task(f"training {cfg.prompts}x{cfg.length} prompts", total=cfg.steps, completed=state.step)
+            task = bar.add_task(f"training {label}", total=steps, completed=state.step)
 
             def on_step(rec, st):
                 last["loss"] = rec.loss
                 if log_file:
-                    log_file.write(dumps({"step": rec.step, "loss": rec.loss, "assignment": rec.counts,
-                                          "seconds": round(rec.seconds, 3)}))
+                    counts = {"assignment": rec.counts} if rec.counts else {}
+                    log_file.write(dumps({"step": rec.step, "loss": rec.loss, **counts, "seconds": round(rec.seconds, 3)}))
                     log_file.flush()
-                if save_every and (rec.step % save_every == 0 or rec.step == cfg.steps):
+                if save_every and (rec.step % save_every == 0 or rec.step == steps):
                     _save_checkpoint(output, st, provenance)
-                bar.update(task, completed=rec.step, description=f"training  loss {rec.loss:.4f}")
+                bar.update(task, completed=rec.step, description=f"training {label}  loss {rec.loss:.4f}")
 
-            state = train_prompts(lm.model, teacher_lm.model if teacher_lm else None, windows, cfg, state, on_step)
+            state = train(teacher_lm.model if teacher_lm else None, windows, state, on_step)
     finally:
         if log_file:
             log_file.close()

@@ -11,15 +11,9 @@ from safetensors.torch import load_file
 
 from conftest import make_tiny_llama, run_cli
 from rechannel.ops.models import load_model
-from rechannel.ops.prompt_training import (
-    PromptTrainConfig,
-    TrainState,
-    assign,
-    init_bank,
-    token_loss,
-    train_prompts,
-)
+from rechannel.ops.prompt_training import PromptTrainConfig, assign, init_bank, train_prompts
 from rechannel.ops.routing import attention_scores, bank_kv
+from rechannel.ops.training import TrainState, token_loss
 
 TRAIN = ("--num-prompts", "3", "--prompt-len", "4", "--batch", "4", "--seqlen", "16")
 
@@ -95,10 +89,10 @@ def test_kd_training_finds_a_hidden_prompt_and_changes_only_the_prompts(tiny_mod
     windows = torch.randint(3, 300, (64, 12))
     cfg = PromptTrainConfig(prompts=1, length=4, objective="kd", steps=30, lr=0.3, batch=4)
     losses = []
-    state = train_prompts(lm.model, teacher, windows, cfg, TrainState(init_bank(lm.model, lm.tokenizer, 1, 4, "vocab", 0)),
+    state = train_prompts(lm.model, teacher, windows, cfg, TrainState({"prompts": init_bank(lm.model, lm.tokenizer, 1, 4, "vocab", 0)}),
                           on_step=lambda rec, st: losses.append(rec.loss))
     assert sum(losses[-5:]) < 0.3 * sum(losses[:5]), losses
-    assert state.step == 30 and state.counts == [120] and set(state.adam) == {"exp_avg", "exp_avg_sq"}
+    assert state.step == 30 and state.counts == [120] and set(state.adam) == {"prompts.exp_avg", "prompts.exp_avg_sq"}
     for k, v in lm.model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
