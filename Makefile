@@ -7,7 +7,7 @@ OUT    ?= demo-out
 TORCH_CPU ?= torch==2.13.0
 export RECHANNEL_CACHE ?= $(HOME)/.cache/rechannel
 
-.PHONY: install test demo prune-table eval-table quant-table bench bench-kernels bench-eval lint clean
+.PHONY: install test demo prune-table eval-table quant-table idp-table bench bench-kernels bench-eval lint clean
 .SECONDARY:  # keep the pruned model directories: they are intermediate targets of the eval files
 
 install: $(VENV)/.installed
@@ -63,12 +63,50 @@ eval-table: install $(KNOW_RUNS:%=$(OUT)/%.tasks.json)
 	$(RC) table $(KNOW_RUNS:%=$(OUT)/%.tasks.json) --metrics acc,exact_match --transpose
 	@$(RC) table $(KNOW_RUNS:%=$(OUT)/%.tasks.json) --metrics acc,acc_norm,exact_match,f1,perplexity --transpose --markdown > $(OUT)/eval-table.md
 
+KNOW_ARGS   = --tasks $(KNOW_TASKS) --data-dir $(DATA) $(if $(KNOW_LIMIT),--limit $(KNOW_LIMIT)) --device $(DEVICE)
 $(OUT)/dense.tasks.json: | install
 	@mkdir -p $(OUT)
-	$(RC) eval --tasks $(KNOW_TASKS) --data-dir $(DATA) --limit $(KNOW_LIMIT) --device $(DEVICE) -o $@ > $(OUT)/dense.samples.jsonl
+	$(RC) eval $(KNOW_ARGS) -o $@ > $(OUT)/dense.samples.jsonl
 
 $(OUT)/%.tasks.json: $(OUT)/%/config.json
-	$(RC) eval --model $(OUT)/$* --tasks $(KNOW_TASKS) --data-dir $(DATA) --limit $(KNOW_LIMIT) --device $(DEVICE) -o $@ > $(OUT)/$*.samples.jsonl
+	$(RC) eval --model $(OUT)/$* $(KNOW_ARGS) -o $@ > $(OUT)/$*.samples.jsonl
+
+# IDP: win back what compression cost with a bank of soft prompts routed per input, against one prompt and
+# LoRA trained on the same C4 windows (documents 500-999: none used for calibration), with the same
+# objective (kd: the dense model as teacher). CPU-sized defaults; the issue-sized run wants a GPU:
+#   make idp-table DEVICE=cuda IDP_STEPS=300 IDP_BATCH=8 IDP_SEQLEN=256 KNOW_LIMIT=
+IDP_MODELS  ?= wanda-50 gptq-3-g128
+IDP_PROMPTS ?= 4
+IDP_LEN     ?= 16
+IDP_STEPS   ?= 100
+IDP_BATCH   ?= 4
+IDP_SEQLEN  ?= 128
+IDP_DOCS    ?= 500:1000
+LORA_RANK   ?= 8
+IDP_RUNS    := $(foreach m,$(IDP_MODELS),$(m) $(m).prompt1 $(m).bank $(m).lora)
+TRAIN_ARGS   = --data $(C4) --docs $(IDP_DOCS) --steps $(IDP_STEPS) --batch $(IDP_BATCH) --seqlen $(IDP_SEQLEN) --device $(DEVICE)
+idp-table: install $(OUT)/dense.tasks.json $(IDP_RUNS:%=$(OUT)/%.tasks.json)
+	@echo "== IDP: $(IDP_PROMPTS) prompts of $(IDP_LEN) routed by attention vs 1 prompt vs LoRA r=$(LORA_RANK); $(IDP_STEPS) steps of $(IDP_BATCH) x $(IDP_SEQLEN) C4 tokens; first $(KNOW_LIMIT) examples per task"
+	$(RC) table $(OUT)/dense.tasks.json $(IDP_RUNS:%=$(OUT)/%.tasks.json) --metrics acc,exact_match --recovery --transpose
+	@$(RC) table $(OUT)/dense.tasks.json $(IDP_RUNS:%=$(OUT)/%.tasks.json) --metrics acc,exact_match --recovery --transpose --markdown > $(OUT)/idp-table.md
+
+$(OUT)/%.prompt1.safetensors: $(OUT)/%/config.json
+	$(RC) train-prompts --model $(OUT)/$* $(TRAIN_ARGS) --num-prompts 1 --prompt-len $(IDP_LEN) --log $(OUT)/$*.prompt1.log.jsonl -o $@ > $(OUT)/$*.prompt1.train.json
+
+$(OUT)/%.bank.safetensors: $(OUT)/%/config.json
+	$(RC) train-prompts --model $(OUT)/$* $(TRAIN_ARGS) --num-prompts $(IDP_PROMPTS) --prompt-len $(IDP_LEN) --log $(OUT)/$*.bank.log.jsonl -o $@ > $(OUT)/$*.bank.train.json
+
+$(OUT)/%.lora/adapter_config.json: $(OUT)/%/config.json
+	$(RC) train-prompts --model $(OUT)/$* $(TRAIN_ARGS) --method lora --rank $(LORA_RANK) --log $(OUT)/$*.lora.log.jsonl -o $(OUT)/$*.lora > $(OUT)/$*.lora.train.json
+
+$(OUT)/%.prompt1.tasks.json: $(OUT)/%.prompt1.safetensors
+	$(RC) eval --model $(OUT)/$* $(KNOW_ARGS) --prompts $< --route fixed:0 -o $@ > $(OUT)/$*.prompt1.samples.jsonl
+
+$(OUT)/%.bank.tasks.json: $(OUT)/%.bank.safetensors
+	$(RC) eval --model $(OUT)/$* $(KNOW_ARGS) --prompts $< --route attention -o $@ > $(OUT)/$*.bank.samples.jsonl
+
+$(OUT)/%.lora.tasks.json: $(OUT)/%.lora/adapter_config.json
+	$(RC) eval --model $(OUT)/$* $(KNOW_ARGS) --adapter $(OUT)/$*.lora -o $@ > $(OUT)/$*.lora.samples.jsonl
 
 $(OUT)/stats.safetensors: | install
 	@mkdir -p $(OUT)

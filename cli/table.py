@@ -32,8 +32,14 @@ def _label(path: str, doc: dict[str, Any]) -> str:
     label = "dense" if not c else _compression_label(c)
     if config.get("adapter"):
         label += f" + LoRA r={config['adapter'].get('rank')}"
-    if (config.get("prompts") or {}).get("route", "none") != "none":
-        label += f" + prompts {config['prompts']['route']}"
+    bank = config.get("prompts") or {}
+    route, m = bank.get("route", "none"), bank.get("prompts")
+    if route == "attention":
+        label += f" + IDP ({m} prompts)"
+    elif route == "entropy":
+        label += f" + {m} prompts by entropy"
+    elif route != "none":
+        label += " + 1 prompt" if m == 1 else f" + prompt {route.removeprefix('fixed:')} of {m}"
     return label
 
 
@@ -77,6 +83,40 @@ def _rows(paths: list[str], metrics: set[str] | None) -> tuple[list[str], list[d
     return columns, rows
 
 
+RECOVERY_COLUMNS = ["avg", "recovered", "extra params", "ms/example"]
+
+
+def _is_plain(doc: dict[str, Any]) -> bool:
+    """No adapter and no prompt in front: the model as it is."""
+    config = doc.get("config") or {}
+    return not config.get("adapter") and (config.get("prompts") or {}).get("route", "none") == "none"
+
+
+def _recovery(rows: list[dict[str, Any]], docs: list[dict[str, Any]]) -> list[str]:
+    """Add the average score, the share of the compression loss recovered (against the plain run of the same
+    model and the plain dense run), extra parameters and latency to each row; notes for under the table."""
+    from rechannel.ops.metrics import average_score, ms_per_example, recovered_share
+
+    avg = [average_score(d["results"]) for d in docs]
+    fps = [(d.get("config") or {}).get("fingerprint") for d in docs]
+    dense = next((a for a, d in zip(avg, docs, strict=True) if _is_plain(d) and not d["config"].get("compression")), None)
+    for i, (row, d) in enumerate(zip(rows, docs, strict=True)):
+        base = next((avg[j] for j, e in enumerate(docs) if fps[j] == fps[i] and _is_plain(e)), None)
+        row["avg"] = avg[i]
+        row["recovered"] = None if None in (dense, base, avg[i]) or _is_plain(d) else recovered_share(dense, base, avg[i])
+        row["extra params"] = d.get("config", {}).get("extra_parameters", 0)
+        row["ms/example"] = ms_per_example(d["results"])
+    notes = []
+    for fp in dict.fromkeys(fps):
+        lora = [r["extra params"] for r, d in zip(rows, docs, strict=True) if d["config"].get("fingerprint") == fp and d["config"].get("adapter")]
+        idp = [r["extra params"] for r, d in zip(rows, docs, strict=True) if d["config"].get("fingerprint") == fp
+               and (d["config"].get("prompts") or {}).get("route") in ("attention", "entropy")]
+        if lora and idp and idp[0]:
+            label = next(r["run"] for r, d in zip(rows, docs, strict=True) if d["config"].get("fingerprint") == fp and _is_plain(d))
+            notes.append(f"{label}: LoRA / IDP extra parameters = {lora[0] / idp[0]:.1f}x")
+    return notes
+
+
 def table_command(
     results: Annotated[list[str], typer.Argument(help="eval results files (-o outputs).")],
     json: Json = False,
@@ -84,6 +124,8 @@ def table_command(
     metrics: Annotated[str | None, typer.Option(help="Only these metrics, comma-separated (e.g. acc,ppl).")] = None,
     transpose: Annotated[bool, typer.Option("--transpose", help="One row per task metric, one column per file "
                                                                 "(reads better for many tasks).")] = False,
+    recovery: Annotated[bool, typer.Option("--recovery", help="Add the average score (acc; exact match for QA), the "
+                                           "share of the compression loss recovered, extra parameters and ms per example.")] = False,
 ) -> None:
     """Compare eval results side by side: one row per file, one column per task metric.
 
@@ -93,16 +135,24 @@ def table_command(
       rechannel table dense.json wanda50.json --markdown >> RESULTS.md
       rechannel table *.json --json | jq -c .
       rechannel table dense.json wanda50.json --metrics acc,exact_match
+      rechannel table dense.json wanda50.json wanda50-idp.json wanda50-lora.json --recovery
+
+    With --recovery, "recovered" is (avg - avg of the same model without prompts or adapter) / (avg dense - that), so 1 means back to the dense model.
     """
     columns, rows = _rows(results, {m.strip() for m in metrics.split(",")} if metrics else None)
+    notes = []
+    if recovery:
+        notes = _recovery(rows, [_load(p) for p in results])
+        columns += RECOVERY_COLUMNS
     if json:
-        from rechannel.cli.jsonl import STDIO, JsonlWriter
+        from rechannel.cli.jsonl import STDIO, JsonlWriter  # noqa: I001
 
         with JsonlWriter(STDIO) as out:
             out.write_all(rows)
         return
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    rows = [{k: (f"{v:.1f}" if k == "size MB" and isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    one_decimal = ("size MB", "ms/example")
+    rows = [{k: (f"{v:.1f}" if k in one_decimal and isinstance(v, float) else v) for k, v in r.items()} for r in rows]
     first = "run"
     if transpose:  # rows become the task metrics, columns the runs
         runs = [r["run"] for r in rows]
@@ -113,6 +163,8 @@ def table_command(
         print("|---|" + "---:|" * len(columns))
         for r in rows:
             print(f"| {r['run']} | " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
+        for note in notes:
+            print(f"\n{note}")
         return
     from rich.console import Console
     from rich.table import Table
@@ -126,3 +178,5 @@ def table_command(
     for r in rows:
         t.add_row(r["run"], *(fmt(r.get(c)) for c in columns), *([] if transpose else [r["file"]]))
     Console().print(t)
+    for note in notes:
+        print(note)

@@ -62,3 +62,30 @@ def mean_stderr(values: Sequence[float]) -> float | None:
         return None
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def primary_score(task_results: dict) -> float | None:
+    """A task's headline number for averaging: acc for multiple choice and LAMBADA, exact match for QA."""
+    for key in ("acc,none", "exact_match,none"):
+        if task_results.get(key) is not None:
+            return task_results[key]
+    return None
+
+
+def average_score(results: dict) -> float | None:
+    """Mean headline score over the tasks that have one (perplexity tasks have none)."""
+    scores = [s for s in (primary_score(r) for r in results.values()) if s is not None]
+    return sum(scores) / len(scores) if scores else None
+
+
+def recovered_share(dense: float, compressed: float, run: float) -> float | None:
+    """Share of what compression lost that `run` wins back: 1 = back to dense, 0 = no better, < 0 worse."""
+    lost = dense - compressed
+    return (run - compressed) / lost if lost else None
+
+
+def ms_per_example(results: dict) -> float | None:
+    """Wall time per example over the example tasks (not perplexity windows), in milliseconds."""
+    pairs = [(r["seconds"], r["samples"]) for r in results.values() if "samples" in r and r.get("seconds")]
+    n = sum(s for _, s in pairs)
+    return 1000 * sum(t for t, _ in pairs) / n if n else None

@@ -143,7 +143,7 @@ def test_eval_with_a_prompt_bank_and_a_lora_adapter(tiny_model, tmp_path):
     a, b = ([json.loads(x) for x in r.stdout.splitlines()] for r in (base, routed))
     assert all(x["prompt"] == 1 for x in b) and a[0]["loglik"] != b[0]["loglik"]
     assert json.loads((tmp_path / "p.json").read_text())["config"]["extra_parameters"] == 2 * 3 * 64
-    assert json.loads(run_cli("table", str(tmp_path / "p.json"), "--json").stdout)["run"] == "dense + prompts fixed:1"
+    assert json.loads(run_cli("table", str(tmp_path / "p.json"), "--json").stdout)["run"] == "dense + prompt 1 of 2"
     r = run_cli("eval", "--model", str(tiny_model), "--data", str(data), "--prompts", str(bank), "--route", "fixed:2")
     assert r.returncode == 1 and "the bank has 2 prompts" in r.stderr.decode()
 
