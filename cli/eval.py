@@ -73,8 +73,15 @@ def _conditioning(lm: Any, prompts: str | None, route: str, layers: str) -> tupl
     return Conditioning(bank, router(r, lm.model, lm.tokenizer, bank, picked)), info
 
 
+def _window_prompts(lm: Any, cond: Any):
+    """windows (B, T) -> their soft prompts (B, P, d): each window routed on its own text."""
+    if cond.prompts is None:
+        return None
+    return lambda ids: cond.prompts[[cond.route(lm.tokenizer.decode(w)) for w in ids.tolist()]]
+
+
 def _run_ppl(lm: Any, task: Any, text: str, seqlen: int, stride: int | None, limit: int | None, batch_size: int,
-             out: Any, advance) -> tuple[dict[str, Any], int]:
+             cond: Any, out: Any, advance) -> tuple[dict[str, Any], int]:
     from rechannel.ops.perplexity import perplexity, sliding_perplexity
 
     t0 = time.perf_counter()
@@ -90,7 +97,8 @@ def _run_ppl(lm: Any, task: Any, text: str, seqlen: int, stride: int | None, lim
     if stride:
         res = sliding_perplexity(lm.model, stream, seqlen, stride, limit, on_windows=record)
     else:
-        res = perplexity(lm.model, stream, seqlen, limit, batch_size, on_windows=record)
+        res = perplexity(lm.model, stream, seqlen, limit, batch_size, on_windows=record,
+                         prompts=_window_prompts(lm, cond))
     seconds = time.perf_counter() - t0
     return {"ppl,none": res.perplexity, "ppl_stderr,none": None if stride else _ppl_stderr(res.perplexity, nlls),
             "nll,none": res.mean_nll, "windows": res.windows, "seqlen": seqlen, "stride": stride,
@@ -145,6 +153,8 @@ def eval_command(
     data_dir: Annotated[str, typer.Option(help="Where the benchmark files are ($RECHANNEL_DATA).")] =
         os.environ.get("RECHANNEL_DATA", "../shared/data"),
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N examples (windows for perplexity).")] = None,
+    windows: Annotated[int | None, typer.Option(min=1, help="Perplexity: only the first N windows [default: --limit].",
+                                                show_default=False)] = None,
     batch_size: Annotated[str, typer.Option(help="Examples (or windows) per forward batch, or 'auto'.")] = "auto",
     seqlen: Annotated[int, typer.Option(min=2, help="Perplexity window length in tokens.")] = 2048,
     stride: Annotated[int | None, typer.Option(min=1, help="Perplexity: slide windows by this many tokens, scoring "
@@ -182,6 +192,9 @@ def eval_command(
     if data:
         chosen.append(user_task(data, kind))
     requested = _parse_batch_size(batch_size)
+    if stride and prompts:
+        raise UserError("--stride with --prompts is not supported: prompted perplexity uses whole windows")
+    ppl_limit = windows if windows is not None else limit
     everything = {t.name: t.load(data_dir) for t in chosen}  # every input is read and checked before the model loads
     lm = options.load(model, device, dtype, trust_remote_code)
     extra: dict[str, Any] = {}
@@ -204,8 +217,8 @@ def eval_command(
             def run(b, task=task, data_in=data_in, job=job):
                 advance = lambda n: bar.advance(job, n)  # noqa: E731
                 if task.kind == "ppl":
-                    windows = max(1, min(b, token_budget // seqlen)) if token_budget else b
-                    return _run_ppl(lm, task, data_in, seqlen, stride, limit, windows, out, advance)
+                    batch = max(1, min(b, token_budget // seqlen)) if token_budget else b
+                    return _run_ppl(lm, task, data_in, seqlen, stride, ppl_limit, batch, cond, out, advance)
                 return _run_examples(lm, task, data_in[:limit] if limit else data_in, b, cond, out, advance,
                                      token_budget)
 
@@ -222,7 +235,7 @@ def eval_command(
            "config": {"model": model, "model_path": str(lm.path), "fingerprint": lm.fingerprint,
                       "model_bytes": sum(f.stat().st_size for f in lm.path.glob("*.safetensors")),
                       "rechannel": __version__, "tasks": [t.name for t in chosen], "data": data,
-                      "data_dir": data_dir, "limit": limit, "batch_size": batch_size, "batch_size_used": used_batch,
+                      "data_dir": data_dir, "limit": limit, "windows": ppl_limit, "batch_size": batch_size, "batch_size_used": used_batch,
                       "seqlen": seqlen, "stride": stride, "device": str(lm.model.device),
                       "dtype": str(lm.model.dtype).removeprefix("torch."),
                       "compression": getattr(lm.model.config, "rechannel", None), **extra,

@@ -36,10 +36,19 @@ def wikitext2_text(path: str) -> str:
         return "\n\n".join(line.rstrip("\n") for line in f if line.strip())
 
 
+SoftPrompts = Callable[[torch.Tensor], torch.Tensor]  # windows (B, T) -> the soft prompt of each, (B, P, d)
+
+
 @torch.inference_mode()
-def nll_sum(model: nn.Module, ids: torch.Tensor, first_target: int = 1) -> torch.Tensor:
-    """Sum of -log p(ids[:, t] | ids[:, :t]) over t >= first_target. ids (B, T) -> (B,) float32"""
-    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, d)
+def nll_sum(model: nn.Module, ids: torch.Tensor, first_target: int = 1, soft: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of -log p(ids[:, t] | ids[:, :t]) over t >= first_target, behind the soft prompts soft (B, P, d)
+    when given (the prompt adds context; the scored tokens stay the same). ids (B, T) -> (B,) float32"""
+    if soft is None:
+        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, d)
+    else:
+        embed = model.get_input_embeddings()
+        x = torch.cat([soft.to(ids.device, embed.weight.dtype), embed(ids)], 1)  # (B, P + T, d)
+        hidden = model.get_decoder()(inputs_embeds=x, use_cache=False).last_hidden_state[:, soft.shape[1]:]
     head = model.get_output_embeddings()
     total = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device)
     for s in range(first_target - 1, ids.shape[1] - 1, HEAD_CHUNK):
@@ -51,9 +60,9 @@ def nll_sum(model: nn.Module, ids: torch.Tensor, first_target: int = 1) -> torch
     return total
 
 
-def window_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def window_nll(model: nn.Module, ids: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token negative log-likelihood of each window. ids (B, T) -> (B,) float32"""
-    return nll_sum(model, ids) / (ids.shape[1] - 1)
+    return nll_sum(model, ids, soft=soft) / (ids.shape[1] - 1)
 
 
 def sliding_perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, stride: int, limit: int | None = None,
@@ -81,8 +90,10 @@ def sliding_perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, stri
 
 
 def perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, limit: int | None = None,
-               batch_size: int = 1, on_windows: Callable[[torch.Tensor], None] | None = None) -> PerplexityResult:
-    """Perplexity of `stream` (N,) over its first `limit` non-overlapping windows (all when None)."""
+               batch_size: int = 1, on_windows: Callable[[torch.Tensor], None] | None = None,
+               prompts: SoftPrompts | None = None) -> PerplexityResult:
+    """Perplexity of `stream` (N,) over its first `limit` non-overlapping windows (all when None), each
+    window behind the soft prompt `prompts` gives it, if any."""
     n = stream.numel() // seqlen
     if limit is not None:
         n = min(n, limit)
@@ -92,7 +103,9 @@ def perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, limit: int |
     device = next(model.parameters()).device
     nlls = []
     for i in range(0, n, batch_size):
-        nlls.append(window_nll(model, windows[i:i + batch_size].to(device)).double().cpu())
+        batch = windows[i:i + batch_size]
+        soft = prompts(batch) if prompts else None
+        nlls.append(window_nll(model, batch.to(device), soft).double().cpu())
         if on_windows:
             on_windows(nlls[-1])
     mean = torch.cat(nlls).mean().item()

@@ -148,6 +148,36 @@ def test_eval_with_a_prompt_bank_and_a_lora_adapter(tiny_model, tmp_path):
     assert r.returncode == 1 and "the bank has 2 prompts" in r.stderr.decode()
 
 
+def test_prompted_perplexity_equals_a_direct_computation(tiny_model, tmp_path):
+    """Each window behind its prompt: the same tokens scored, the prompt only adds context."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rechannel.cli.artifacts import Provenance, save_artifact
+    from rechannel.ops.models import model_fingerprint
+
+    text = "The capital of France is Paris. The capital of Italy is Rome. " * 6
+    data = tmp_path / "ppl.jsonl"
+    data.write_text(json.dumps({"text": text}) + "\n")
+    torch.manual_seed(4)
+    prompts = torch.randn(2, 3, 64)
+    bank = tmp_path / "bank.safetensors"
+    save_artifact(bank, {"prompts": prompts}, Provenance("prompt-bank", str(tiny_model), model_fingerprint(tiny_model)))
+    r = run_cli("eval", "--model", str(tiny_model), "--data", str(data), "--kind", "ppl", "--seqlen", "16",
+                "--prompts", str(bank), "--route", "fixed:1", "-o", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr.decode()
+    got = json.loads((tmp_path / "r.json").read_text())["results"]
+    got = next(iter(got.values()))
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    stream = tok(text, return_tensors="pt").input_ids[0]
+    n = stream.numel() // 16
+    windows = stream[: n * 16].view(n, 16)
+    with torch.no_grad():
+        x = torch.cat([prompts[1].expand(n, -1, -1), model.get_input_embeddings()(windows)], 1)
+        logits = model(inputs_embeds=x).logits[:, 3:-1].double()  # positions predicting tokens 1..15
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert got["windows"] == n and got["ppl,none"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+
+
 def test_eval_closed_book_qa(tiny_model, tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"id": str(i), "question": q, "answers": a}) + "\n" for i, (q, a) in
