@@ -7,7 +7,7 @@ OUT    ?= demo-out
 TORCH_CPU ?= torch==2.13.0
 export RECHANNEL_CACHE ?= $(HOME)/.cache/rechannel
 
-.PHONY: install test demo prune-table eval-table quant-table idp-table bench bench-kernels bench-eval lint clean
+.PHONY: install test demo prune-table eval-table quant-table idp-table bench bench-route bench-kernels bench-eval lint clean
 .SECONDARY:  # keep the pruned model directories: they are intermediate targets of the eval files
 
 install: $(VENV)/.installed
@@ -139,13 +139,18 @@ qword  = $(word $(1),$(subst -, ,$*))
 $(QUANT_RUNS:%=$(OUT)/%/config.json): $(OUT)/%/config.json: $(OUT)/stats.safetensors
 	$(RC) compress --method $(call qword,1) --bits $(call qword,2) --group-size $(if $(filter row,$(call qword,3)),-1,$(patsubst g%,%,$(call qword,3))) $(if $(filter gptq,$(call qword,1)),--stats $< --sequential) --device $(DEVICE) -o $(OUT)/$* > $(OUT)/$*.report.json
 
-bench: bench-kernels bench-eval
+bench: bench-kernels bench-eval bench-route
 
 # The Triton kernels against the torch path: needs a CUDA GPU, skipped (with a note) without one
 bench-kernels: install
 	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  $(BIN)/python tests/bench/prune.py --out bench-latest.md && $(BIN)/python tests/bench/quant.py --out bench-latest.md; \
 	else echo "bench-kernels: no CUDA GPU here, kernel benchmarks skipped"; fi
+
+# IDP routing plus the chosen prompt's forward against one prompted forward (CPU or GPU)
+bench-route: install
+	$(RC) models prepare smollm2-135m
+	$(BIN)/python tests/bench/route.py --data $(DATA) --device $(DEVICE) --out bench-latest.md
 
 # eval against lm-evaluation-harness (same model, data, templates and limit), in one run on this machine.
 # The harness lives in its own venv, with the same torch and transformers as .venv.
