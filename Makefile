@@ -45,9 +45,14 @@ demo: install
 	$(RC) inspect smollm2-135m --no-tensors
 	@echo "== generate: greedy completion with the default model"
 	$(RC) generate "The capital of France is" --max-new-tokens 8 | tee $(OUT)/completion.jsonl
-	@$(MAKE) --no-print-directory prune-table
+	@$(MAKE) --no-print-directory prune-table RUNS="$(DEMO_PRUNE)"
 	@$(MAKE) --no-print-directory quant-table QUANT_BITS=4 QUANT_GROUPS=g128
 	@$(MAKE) --no-print-directory eval-table
+	@$(MAKE) --no-print-directory idp-table IDP_MODELS=wanda-50 IDP_STEPS=$(DEMO_IDP_STEPS) IDP_BATCH=4 IDP_SEQLEN=64
+
+# `make demo` runs the 50% rows (make prune-table adds 2:4) and a toy-sized IDP run, to stay under 20 minutes
+DEMO_PRUNE     ?= magnitude-50 wanda-50 sparsegpt-50
+DEMO_IDP_STEPS ?= 20
 
 prune-table: install $(OUT)/dense.eval.json $(RUNS:%=$(OUT)/%.eval.json)
 	@echo "== WikiText-2 perplexity, $(SEQLEN)-token windows$(if $(PPL_LIMIT), (first $(PPL_LIMIT))), calibration $(SAMPLES) x $(SEQLEN) C4 tokens, seed 0"

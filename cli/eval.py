@@ -70,7 +70,7 @@ def _conditioning(lm: Any, prompts: str | None, route: str, layers: str) -> tupl
     picked = tuple(parse_layers(layers, len(decoder_blocks(lm.model))))
     info = {"path": prompts, "route": str(r), "prompts": bank.shape[0], "length": bank.shape[1],
             "parameters": bank.numel(), **({"layers": list(picked)} if r.kind == "attention" else {})}
-    return Conditioning(bank, router(r, lm.model, lm.tokenizer, bank, picked)), info
+    return Conditioning(bank, router(r, lm.model, lm.tokenizer, bank, picked), r.kind == "record"), info
 
 
 def _window_prompts(lm: Any, cond: Any):
@@ -162,7 +162,8 @@ def eval_command(
     prompts: Annotated[str | None, typer.Option(help="A prompt bank (.safetensors): its soft prompt goes in front "
                                                      "of every example.")] = None,
     route: Annotated[str, typer.Option(help="Which prompt each example gets: attention (IDP: the one its tokens "
-                                            "attend to most), entropy, fixed:K or none.")] = "none",
+                                            "attend to most), entropy, record (the prompt each record's 'route' names, "
+                                            "from `rechannel route`), fixed:K or none.")] = "none",
     layers: Annotated[str, typer.Option(help="--route attention reads these layers: first (the first 1/8), all, "
                                              "A:B or i,j,k.")] = "first",
     adapter: Annotated[str | None, typer.Option(help="A PEFT LoRA adapter directory, merged before evaluating.")] = None,
@@ -194,6 +195,8 @@ def eval_command(
     requested = _parse_batch_size(batch_size)
     if stride and prompts:
         raise UserError("--stride with --prompts is not supported: prompted perplexity uses whole windows")
+    if route == "record" and any(t.kind == "ppl" for t in chosen):
+        raise UserError("--route record takes each example's prompt from its record; perplexity windows have none")
     ppl_limit = windows if windows is not None else limit
     everything = {t.name: t.load(data_dir) for t in chosen}  # every input is read and checked before the model loads
     lm = options.load(model, device, dtype, trust_remote_code)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rechannel.ops.errors import UserError
 from rechannel.ops.loglik import ScoreUnit, encode_pair, score_units, share_prefix
 from rechannel.ops.metrics import choice_metrics, mean_stderr, qa_metrics
 from rechannel.ops.task_formats import ChoiceExample, QAExample
@@ -29,6 +30,20 @@ class Conditioning:
 
     prompts: torch.Tensor | None = None
     route: Callable[[str], int | None] = field(default=lambda text: None)  # example text -> bank row
+    from_records: bool = False  # take each example's row from its record (`rechannel route` output)
+
+    def row(self, text: str, example: Any) -> int | None:
+        """The bank row in front of `example` (whose routed text is `text`), None without a bank."""
+        if self.prompts is None:
+            return None
+        if not self.from_records:
+            return self.route(text)
+        if example.routed is None:
+            raise UserError(f"--route record: example {example.id} has no 'route' (run `rechannel route` on the file)")
+        if example.routed >= len(self.prompts):
+            raise UserError(f"--route record: example {example.id} names prompt {example.routed}; the bank has "
+                            f"{len(self.prompts)}")
+        return example.routed
 
 
 @dataclass
@@ -55,7 +70,7 @@ def _units(tokenizer: Any, examples: Sequence[ChoiceExample], cond: Conditioning
     units: list[ScoreUnit] = []
     where: list[list[tuple[int, int]]] = []
     for ex in examples:
-        prompt = cond.route(ex.contexts[0]) if cond.prompts is not None else None
+        prompt = cond.row(ex.contexts[0], ex)
         pairs = [encode_pair(tokenizer, c, k) for c, k in zip(ex.contexts, ex.continuations, strict=True)]
         made, slots = share_prefix(pairs, prompt)
         where.append([(len(units) + u, r) for u, r in slots])
@@ -135,7 +150,7 @@ def run_qa_task(model: nn.Module, tokenizer: Any, task: str, examples: Sequence[
                 cond: Conditioning, on_progress: Progress | None = None) -> TaskRun:
     """Closed-book QA: greedy generation until a newline, exact match and F1 against every alias."""
     t0 = time.perf_counter()
-    routes = [cond.route(ex.prompt) if cond.prompts is not None else None for ex in examples]
+    routes = [cond.row(ex.prompt, ex) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))
     answers: list[str] = [""] * len(examples)
     tokens = 0

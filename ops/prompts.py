@@ -4,8 +4,8 @@ A bank is a rechannel artefact of kind `prompt-bank` holding `prompts` (K, P, d)
 for one model (its fingerprint) and refused on any other: prompts are trained against one set of weights.
 
 Routes: `none` (no prompt), `fixed:K` (prompt K for every example), `attention` (IDP: the prompt the
-example's tokens attend to most) and `entropy` (the prompt under which the model is least uncertain);
-see ops/routing.py for the last two.
+example's tokens attend to most), `entropy` (the prompt under which the model is least uncertain; see
+ops/routing.py for these two) and `record` (the prompt a record's `route` field names, as `route` writes it).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch
 from rechannel.ops.errors import UserError, unknown_choice
 
 BANK_KIND = "prompt-bank"
-ROUTES = ("none", "fixed:K", "attention", "entropy")
+ROUTES = ("none", "fixed:K", "attention", "entropy", "record")
 
 
 @dataclass(frozen=True)
 class Route:
-    kind: str  # none | fixed | attention | entropy
+    kind: str  # none | fixed | attention | entropy | record
     index: int | None = None
 
     def __str__(self) -> str:
@@ -33,7 +33,7 @@ class Route:
 def parse_route(text: str) -> Route:
     if text == "none":
         return Route("none")
-    if text in ("attention", "entropy"):
+    if text in ("attention", "entropy", "record"):
         return Route(text)
     if text.startswith("fixed:") and text[6:].isdigit():
         return Route("fixed", int(text[6:]))

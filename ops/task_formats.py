@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rechannel.ops.errors import UserError
@@ -27,6 +27,7 @@ class ChoiceExample:
     continuations: tuple[str, ...]  # one per choice, delimiter included
     gold: int
     choices: tuple[str, ...]  # the choice strings; acc_norm divides by their lengths
+    routed: int | None = None  # the bank row `rechannel route` chose for this record, if it did
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class QAExample:
     id: str
     prompt: str
     answers: tuple[str, ...]
+    routed: int | None = None
 
 
 def _gold(rec: Record, value: object, n_choices: int) -> int:
@@ -51,6 +53,17 @@ def _strings(rec: Record, name: str) -> list[str]:
 
 def _shared(rid: str, context: str, choices: list[str], gold: int) -> ChoiceExample:
     return ChoiceExample(rid, (context,) * len(choices), tuple(DELIMITER + c for c in choices), gold, tuple(choices))
+
+
+def _routed(rec: Record) -> int | None:
+    """`route.prompt` of a record written by `rechannel route`, if it has one."""
+    route = rec.data.get("route")
+    if route is None:
+        return None
+    k = route.get("prompt") if isinstance(route, dict) else None
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise UserError(f"{rec.where}: 'route' should be {{\"prompt\": K, ...}} as `rechannel route` writes it")
+    return k
 
 
 def _id(rec: Record, task: str, i: int) -> str:
@@ -144,7 +157,8 @@ def canonical_mc(files: list[Path], task: str) -> list[ChoiceExample]:
     out = []
     for i, rec in enumerate(read_jsonl(str(files[0]), require=("context", "choices", "gold"))):
         choices = _strings(rec, "choices")
-        out.append(_shared(_id(rec, task, i), rec.field("context"), choices, _gold(rec, rec.data["gold"], len(choices))))
+        ex = _shared(_id(rec, task, i), rec.field("context"), choices, _gold(rec, rec.data["gold"], len(choices)))
+        out.append(replace(ex, routed=_routed(rec)))
     return out
 
 
@@ -154,7 +168,7 @@ QA_TEMPLATE = "Question: {question}\nAnswer:"
 def canonical_qa(files: list[Path], task: str) -> list[QAExample]:
     """TriviaQA (test1000) and any user file: `{"id", "question", "answers"}`, answers being all aliases."""
     return [QAExample(_id(rec, task, i), QA_TEMPLATE.format(question=rec.field("question").strip()),
-                      tuple(_strings(rec, "answers")))
+                      tuple(_strings(rec, "answers")), _routed(rec))
             for i, rec in enumerate(read_jsonl(str(files[0]), require=("question", "answers")))]
 
 

@@ -200,3 +200,21 @@ def test_eval_routes_inline_as_route_does(tiny_model, bank_file, tmp_path):
     assert got == want
     res = json.loads((tmp_path / "res.json").read_text())
     assert res["config"]["prompts"]["route"] == "attention" and res["config"]["extra_parameters"] == 3 * 4 * 64
+
+
+def test_eval_accepts_the_routed_records(tiny_model, bank_file, tmp_path):
+    rows = [{"id": i, "context": c, "choices": [" yes", " no"], "gold": 0}
+            for i, c in enumerate(["The capital of France is Paris?", "Is two plus two four?"])]
+    data = tmp_path / "mc.jsonl"
+    data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    routed = run_cli("route", "--model", str(tiny_model), "-p", str(bank_file), "--field", "context", "--by", "entropy",
+                     "-o", str(tmp_path / "routed.jsonl"), input=data.read_bytes())
+    assert routed.returncode == 0, routed.stderr.decode()
+    want = {str(json.loads(line)["id"]): json.loads(line)["route"]["prompt"]
+            for line in (tmp_path / "routed.jsonl").read_text().splitlines()}
+    r = run_cli("eval", "--model", str(tiny_model), "--data", str(tmp_path / "routed.jsonl"), "--prompts", str(bank_file),
+                "--route", "record")
+    assert r.returncode == 0, r.stderr.decode()
+    assert {rec["id"]: rec["prompt"] for rec in map(orjson.loads, r.stdout.splitlines())} == want
+    r = run_cli("eval", "--model", str(tiny_model), "--data", str(data), "--prompts", str(bank_file), "--route", "record")
+    assert r.returncode == 1 and "has no 'route'" in r.stderr.decode()
