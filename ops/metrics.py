@@ -78,10 +78,14 @@ def average_score(results: dict) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
+MIN_LOSS = 1e-6  # below this, compression lost nothing to recover and a share means nothing
+
+
 def recovered_share(dense: float, compressed: float, run: float) -> float | None:
-    """Share of what compression lost that `run` wins back: 1 = back to dense, 0 = no better, < 0 worse."""
+    """Share of what compression lost that `run` wins back: 1 = back to dense, 0 = no better, < 0 worse;
+    None when the compressed model scored as well as the dense one (nothing lost)."""
     lost = dense - compressed
-    return (run - compressed) / lost if lost else None
+    return (run - compressed) / lost if lost > MIN_LOSS else None
 
 
 def ms_per_example(results: dict) -> float | None:

@@ -35,3 +35,11 @@ def test_recovery_columns_by_hand(tmp_path):
     assert rows[0]["ms/example"] == pytest.approx(1000 * 6.0 / 40)
     md = run_cli("table", *files, "--recovery", "--markdown").stdout.decode()
     assert "wanda 50%: LoRA / IDP extra parameters = 21.0x" in md
+
+
+def test_recovery_is_undefined_when_nothing_was_lost():
+    from rechannel.ops.metrics import recovered_share
+
+    assert recovered_share(0.5, 0.3, 0.4) == pytest.approx(0.5)
+    assert recovered_share(0.316, 0.316 + 1e-17, 0.33) is None  # equal up to rounding: nothing lost
+    assert recovered_share(0.3, 0.5, 0.4) is None  # compression scored better: no loss to recover
