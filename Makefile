@@ -68,7 +68,7 @@ eval-table: install $(KNOW_RUNS:%=$(OUT)/%.tasks.json)
 	$(RC) table $(KNOW_RUNS:%=$(OUT)/%.tasks.json) --metrics acc,exact_match --transpose
 	@$(RC) table $(KNOW_RUNS:%=$(OUT)/%.tasks.json) --metrics acc,acc_norm,exact_match,f1,perplexity --transpose --markdown > $(OUT)/eval-table.md
 
-KNOW_ARGS   = --tasks $(KNOW_TASKS),wikitext2 --seqlen $(SEQLEN) $(if $(PPL_LIMIT),--windows $(PPL_LIMIT)) --data-dir $(DATA) $(if $(KNOW_LIMIT),--limit $(KNOW_LIMIT)) --device $(DEVICE)
+KNOW_ARGS   = --attention-profile 32 --tasks $(KNOW_TASKS),wikitext2 --seqlen $(SEQLEN) $(if $(PPL_LIMIT),--windows $(PPL_LIMIT)) --data-dir $(DATA) $(if $(KNOW_LIMIT),--limit $(KNOW_LIMIT)) --device $(DEVICE)
 $(OUT)/dense.tasks.json: | install
 	@mkdir -p $(OUT)
 	$(RC) eval $(KNOW_ARGS) -o $@ > $(OUT)/dense.samples.jsonl
@@ -92,7 +92,8 @@ IDP_RUNS    := $(foreach m,$(IDP_MODELS),$(m) $(m).prompt1 $(m).bank $(m).lora)
 TRAIN_ARGS   = --data $(C4) --docs $(IDP_DOCS) --steps $(IDP_STEPS) --batch $(IDP_BATCH) --seqlen $(IDP_SEQLEN) --device $(DEVICE)
 idp-table: install $(OUT)/dense.tasks.json $(IDP_RUNS:%=$(OUT)/%.tasks.json)
 	@echo "== IDP: $(IDP_PROMPTS) prompts of $(IDP_LEN) routed by attention vs 1 prompt vs LoRA r=$(LORA_RANK); $(IDP_STEPS) steps of $(IDP_BATCH) x $(IDP_SEQLEN) C4 tokens; first $(KNOW_LIMIT) examples per task"
-	$(RC) table $(OUT)/dense.tasks.json $(IDP_RUNS:%=$(OUT)/%.tasks.json) --metrics acc,exact_match,ppl --recovery --transpose
+	$(RC) table $(OUT)/dense.tasks.json $(IDP_RUNS:%=$(OUT)/%.tasks.json) --metrics acc,exact_match,ppl --recovery --transpose \
+	  --plot-attention $(OUT)/idp-attention.png
 	@$(RC) table $(OUT)/dense.tasks.json $(IDP_RUNS:%=$(OUT)/%.tasks.json) --metrics acc,exact_match,ppl --recovery --transpose --markdown > $(OUT)/idp-table.md
 
 $(OUT)/%.prompt1.safetensors: $(OUT)/%/config.json

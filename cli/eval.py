@@ -167,6 +167,9 @@ def eval_command(
     layers: Annotated[str, typer.Option(help="--route attention reads these layers: first (the first 1/8), all, "
                                              "A:B or i,j,k.")] = "first",
     adapter: Annotated[str | None, typer.Option(help="A PEFT LoRA adapter directory, merged before evaluating.")] = None,
+    attention_profile: Annotated[int, typer.Option(min=0, help="Also record, per layer, the attention mass the first N "
+                                                          "contexts of the first example task put on their prompt "
+                                                          "(or their first token without one).")] = 0,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Results JSON (lm-evaluation-harness layout).")] = None,
     model: options.Model = "smollm2-135m",
     device: options.Device = "auto",
@@ -243,6 +246,14 @@ def eval_command(
                       "dtype": str(lm.model.dtype).removeprefix("torch."),
                       "compression": getattr(lm.model.config, "rechannel", None), **extra,
                       "extra_parameters": sum(v.get("parameters", 0) for v in extra.values())}}
+    profile_task = next((t for t in chosen if t.kind not in ("ppl", "qa")), None)
+    if attention_profile and profile_task is not None:
+        from rechannel.ops.evaluate import attention_profile as profile
+
+        examples = everything[profile_task.name][:attention_profile]
+        doc["attention_profile"] = {"task": profile_task.name, "examples": len(examples),
+                                    "prefix": "prompt" if cond.prompts is not None else "first token",
+                                    "mass": profile(lm.model, lm.tokenizer, examples, cond)}
     _summary(results)
     if output:
         write_json(output, doc)

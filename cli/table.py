@@ -117,6 +117,19 @@ def _recovery(rows: list[dict[str, Any]], docs: list[dict[str, Any]]) -> list[st
     return notes
 
 
+def _plot(path: str, results: list[str], rows: list[dict[str, Any]]) -> None:
+    from rechannel.cli.plots import attention_figure
+
+    curves = []
+    for p, row in zip(results, rows, strict=True):
+        profile = _load(p).get("attention_profile")
+        if profile:
+            curves.append((row["run"], profile["prefix"], profile["mass"]))
+    if not curves:
+        raise UserError("--plot-attention: none of the files has an attention profile (eval --attention-profile N)")
+    attention_figure(path, curves)
+
+
 def table_command(
     results: Annotated[list[str], typer.Argument(help="eval results files (-o outputs).")],
     json: Json = False,
@@ -126,6 +139,8 @@ def table_command(
                                                                 "(reads better for many tasks).")] = False,
     recovery: Annotated[bool, typer.Option("--recovery", help="Add the average score (acc; exact match for QA), the "
                                            "share of the compression loss recovered, extra parameters and ms per example.")] = False,
+    plot_attention: Annotated[str | None, typer.Option(help="Also write a PNG of the files' per-layer attention "
+                                                            "profiles (eval --attention-profile N).")] = None,
 ) -> None:
     """Compare eval results side by side: one row per file, one column per task metric.
 
@@ -140,6 +155,8 @@ def table_command(
     With --recovery, "recovered" is (avg - avg of the same model without prompts or adapter) / (avg dense - that), so 1 means back to the dense model.
     """
     columns, rows = _rows(results, {m.strip() for m in metrics.split(",")} if metrics else None)
+    if plot_attention:
+        _plot(plot_attention, results, rows)
     notes = []
     if recovery:
         notes = _recovery(rows, [_load(p) for p in results])

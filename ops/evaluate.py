@@ -170,3 +170,20 @@ def run_qa_task(model: nn.Module, tokenizer: Any, task: str, examples: Sequence[
         if cond.prompts is not None:
             records[-1]["prompt"] = routes[len(records) - 1]
     return TaskRun(records, _aggregate(records, ["exact_match", "f1"]), tokens, time.perf_counter() - t0)
+
+
+def attention_profile(model: nn.Module, tokenizer: Any, examples: Sequence[ChoiceExample],
+                      cond: Conditioning) -> list[float]:
+    """Per layer, the attention mass the examples' contexts put on what is in front of them (their prompt,
+    or without one their first token), averaged over the examples: where each way of recovering sends
+    attention."""
+    from rechannel.ops.routing import prefix_attention
+
+    total = None
+    for ex in examples:
+        ids = torch.tensor([encode_pair(tokenizer, ex.contexts[0], ex.continuations[0])[0]])  # (1, T)
+        row = cond.row(ex.contexts[0], ex)
+        soft = cond.prompts[[row]] if row is not None else None  # (1, P, d)
+        mass = prefix_attention(model, ids, torch.ones_like(ids), soft)
+        total = mass if total is None else total + mass
+    return [round(v, 6) for v in (total / len(examples)).tolist()]

@@ -177,3 +177,35 @@ def choose(model: nn.Module, tokenizer, kv: BankKV, text: str, by: str, layers: 
         ids = torch.tensor([[tokenizer.eos_token_id]])
     chosen, _ = route(model, kv, ids, torch.ones_like(ids), by, layers)
     return int(chosen[0])
+
+
+@torch.no_grad()
+def prefix_attention(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                     soft: torch.Tensor | None = None) -> torch.Tensor:
+    """(L,) per layer, the mean attention mass (over heads and the real tokens of ids (B, T)) on the keys in
+    front of the input: the soft prompt soft (B, P, d) when given, else the input's first token (where a
+    model without a prompt parks attention it does not need elsewhere)."""
+    b, t = ids.shape
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    p = soft.shape[1] if soft is not None else 0
+    x = embed(ids.to(device))
+    if soft is not None:
+        x = torch.cat([soft.to(device, x.dtype), x], 1)  # (B, P + T, d)
+    full_mask = torch.cat([torch.ones(b, p, dtype=mask.dtype), mask], 1).to(device)
+    real = mask.to(device).float()  # (B, T)
+    width = p or 1
+    per_layer = []
+
+    def record(module, args, output):
+        weights = output[1][:, :, p:, :width].float().sum(-1).mean(1)  # (B, T): mass on the prefix
+        per_layer.append(((weights * real).sum() / real.sum().clamp_min(1)).item())
+
+    handles = [a.register_forward_hook(record) for a in _attention_modules(model)]
+    try:
+        with eager_attention(model):
+            model.get_decoder()(inputs_embeds=x, attention_mask=full_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.tensor(per_layer)

@@ -218,3 +218,28 @@ def test_eval_accepts_the_routed_records(tiny_model, bank_file, tmp_path):
     assert {rec["id"]: rec["prompt"] for rec in map(orjson.loads, r.stdout.splitlines())} == want
     r = run_cli("eval", "--model", str(tiny_model), "--data", str(data), "--prompts", str(bank_file), "--route", "record")
     assert r.returncode == 1 and "has no 'route'" in r.stderr.decode()
+
+
+def test_attention_profiles_and_their_figure(tiny_model, bank_file, tmp_path):
+    rows = [{"id": i, "context": c, "choices": [" yes", " no"], "gold": 0}
+            for i, c in enumerate(["The capital of France is Paris?", "Is two plus two four?", "A quick brown fox"])]
+    data = tmp_path / "mc.jsonl"
+    data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    files = []
+    for name, extra in (("plain", ()), ("idp", ("--prompts", str(bank_file), "--route", "attention"))):
+        out = tmp_path / f"{name}.json"
+        r = run_cli("eval", "--model", str(tiny_model), "--data", str(data), "--attention-profile", "2", *extra,
+                    "-o", str(out))
+        assert r.returncode == 0, r.stderr.decode()
+        profile = json.loads(out.read_text())["attention_profile"]
+        assert profile["examples"] == 2 and len(profile["mass"]) == 2 and all(0 < m < 1 for m in profile["mass"])
+        assert profile["prefix"] == ("prompt" if extra else "first token")
+        files.append(str(out))
+    png = tmp_path / "attention.png"
+    r = run_cli("table", *files, "--plot-attention", str(png))
+    assert r.returncode == 0, r.stderr.decode()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"results": {}, "config": {}}))
+    r = run_cli("table", str(bare), "--plot-attention", str(tmp_path / "none.png"))
+    assert r.returncode == 1 and "none of the files has an attention profile" in r.stderr.decode()

@@ -123,3 +123,24 @@ def test_parse_layers():
     for bad in ("30", "x", "5:2", "-1"):
         with pytest.raises(UserError, match="--layers"):
             parse_layers(bad, 30)
+
+
+def test_prefix_attention_equals_transformers_attention_weights(lm, bank):
+    from rechannel.ops.routing import prefix_attention
+
+    ids, mask = _batch()
+    soft = bank[[0, 2]]  # (2, P, d)
+    got = prefix_attention(lm.model, ids, mask, soft)
+    embeds = torch.cat([soft, lm.model.get_input_embeddings()(ids)], 1)
+    full_mask = torch.cat([torch.ones(2, P, dtype=torch.long), mask], 1)
+    with torch.no_grad(), eager_attention(lm.model):
+        out = lm.model(inputs_embeds=embeds, attention_mask=full_mask, output_attentions=True)
+    for layer, w in enumerate(out.attentions):  # (B, H, P+T, P+T)
+        mass = w[:, :, P:, :P].double().sum(-1).mean(1)  # (B, T)
+        want = (mass * mask).sum() / mask.sum()
+        assert got[layer].item() == pytest.approx(want.item(), abs=1e-6)
+    plain = prefix_attention(lm.model, ids, mask)  # no prompt: the mass on the first token
+    with torch.no_grad(), eager_attention(lm.model):
+        out = lm.model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    want = [((w[:, :, :, 0].double().mean(1) * mask).sum() / mask.sum()).item() for w in out.attentions]
+    assert plain.tolist() == pytest.approx(want, abs=1e-6)
