@@ -144,6 +144,7 @@ def train_prompts_command(
     if method not in ("prompts", "lora"):
         raise UserError(f"--method {method!r}: expected prompts or lora")
     t0 = time.perf_counter()
+    texts = load_texts(data, field, docs)  # every record checked before the model loads
     lm = options.load(model, device, dtype, trust_remote_code)
     lr = lr if lr is not None else (3e-2 if method == "prompts" else 1e-3)
     args = {"method": method, "data": data, "field": field, "docs": docs, "objective": objective, "steps": steps,
@@ -152,7 +153,6 @@ def train_prompts_command(
         job = _bank_job(lm, args, output, num_prompts, prompt_len, assign, layers, init, member, export_peft_dir)
     else:
         job = _lora_job(lm, args, output, rank, alpha, targets)
-    texts = load_texts(data, field, docs)
     teacher_lm = None
     if objective == "kd":
         args["teacher"] = teacher = teacher or default_teacher(lm)

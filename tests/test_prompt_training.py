@@ -243,3 +243,12 @@ def test_attention_profiles_and_their_figure(tiny_model, bank_file, tmp_path):
     bare.write_text(json.dumps({"results": {}, "config": {}}))
     r = run_cli("table", str(bare), "--plot-attention", str(tmp_path / "none.png"))
     assert r.returncode == 1 and "none of the files has an attention profile" in r.stderr.decode()
+
+
+def test_malformed_training_data_is_refused_before_anything_is_written(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine words here"}\n{"text": 7}\n')
+    out = tmp_path / "bank.safetensors"
+    r = run_cli("train-prompts", "--model", str(tiny_model), "--data", str(bad), "--objective", "lm", "-o", str(out))
+    assert r.returncode == 1 and r.stderr.decode().startswith(f"error: {bad}:2:") and not out.exists()
+    assert not (tmp_path / "bank.safetensors.ckpt").exists()
