@@ -83,7 +83,7 @@ def _rows(paths: list[str], metrics: set[str] | None) -> tuple[list[str], list[d
     return columns, rows
 
 
-RECOVERY_COLUMNS = ["avg", "recovered", "extra params", "ms/example"]
+RECOVERY_COLUMNS = ["avg", "recovered", "ppl recovered", "extra params", "ms/example"]
 
 
 def _is_plain(doc: dict[str, Any]) -> bool:
@@ -98,12 +98,18 @@ def _recovery(rows: list[dict[str, Any]], docs: list[dict[str, Any]]) -> list[st
     from rechannel.ops.metrics import average_score, ms_per_example, recovered_share
 
     avg = [average_score(d["results"]) for d in docs]
+    ppl = [-((d["results"].get("wikitext2") or {}).get("ppl,none") or float("nan")) for d in docs]  # higher is better
     fps = [(d.get("config") or {}).get("fingerprint") for d in docs]
-    dense = next((a for a, d in zip(avg, docs, strict=True) if _is_plain(d) and not d["config"].get("compression")), None)
+    dense = next((i for i, d in enumerate(docs) if _is_plain(d) and not d["config"].get("compression")), None)
     for i, (row, d) in enumerate(zip(rows, docs, strict=True)):
-        base = next((avg[j] for j, e in enumerate(docs) if fps[j] == fps[i] and _is_plain(e)), None)
+        base = next((j for j, e in enumerate(docs) if fps[j] == fps[i] and _is_plain(e)), None)
         row["avg"] = avg[i]
-        row["recovered"] = None if None in (dense, base, avg[i]) or _is_plain(d) else recovered_share(dense, base, avg[i])
+        row["recovered"] = row["ppl recovered"] = None
+        if dense is not None and base is not None and not _is_plain(d):
+            if None not in (avg[dense], avg[base], avg[i]):
+                row["recovered"] = recovered_share(avg[dense], avg[base], avg[i])
+            if ppl[i] == ppl[i] and ppl[base] == ppl[base] and ppl[dense] == ppl[dense]:  # all present (not NaN)
+                row["ppl recovered"] = recovered_share(ppl[dense], ppl[base], ppl[i])
         row["extra params"] = d.get("config", {}).get("extra_parameters", 0)
         row["ms/example"] = ms_per_example(d["results"])
     notes = []
@@ -152,7 +158,7 @@ def table_command(
       rechannel table dense.json wanda50.json --metrics acc,exact_match
       rechannel table dense.json wanda50.json wanda50-idp.json wanda50-lora.json --recovery
 
-    With --recovery, "recovered" is (avg - avg of the same model without prompts or adapter) / (avg dense - that), so 1 means back to the dense model.
+    With --recovery, "recovered" is (avg - avg of the same model without prompts or adapter) / (avg dense - that), so 1 means back to the dense model; "ppl recovered" is the same for WikiText-2 perplexity.
     """
     columns, rows = _rows(results, {m.strip() for m in metrics.split(",")} if metrics else None)
     if plot_attention:

@@ -9,10 +9,10 @@ import pytest
 from conftest import run_cli
 
 
-def _doc(path, acc_a, em_b, fingerprint, compression=None, adapter=None, prompts=None, extra=0):
+def _doc(path, acc_a, em_b, fingerprint, compression=None, adapter=None, prompts=None, extra=0, ppl=30.0):
     results = {"arc_easy": {"acc,none": acc_a, "samples": 10, "seconds": 2.0},
                "triviaqa": {"exact_match,none": em_b, "samples": 30, "seconds": 4.0},
-               "wikitext2": {"ppl,none": 30.0, "windows": 4}}
+               "wikitext2": {"ppl,none": ppl, "windows": 4}}
     config = {"fingerprint": fingerprint, "compression": compression, "extra_parameters": extra,
               **({"adapter": adapter} if adapter else {}), **({"prompts": prompts} if prompts else {})}
     path.write_text(json.dumps({"results": results, "config": config}))
@@ -21,16 +21,18 @@ def _doc(path, acc_a, em_b, fingerprint, compression=None, adapter=None, prompts
 
 def test_recovery_columns_by_hand(tmp_path):
     wanda = {"method": "wanda", "sparsity": 0.5, "pattern": "unstructured"}
-    files = [_doc(tmp_path / "d.json", 0.6, 0.4, "D"),  # avg 0.5
-             _doc(tmp_path / "w.json", 0.4, 0.2, "W", wanda),  # avg 0.3: lost 0.2
-             _doc(tmp_path / "i.json", 0.5, 0.3, "W", wanda, prompts={"route": "attention", "prompts": 4}, extra=1000),
-             _doc(tmp_path / "l.json", 0.45, 0.25, "W", wanda, adapter={"rank": 8}, extra=21000)]
+    files = [_doc(tmp_path / "d.json", 0.6, 0.4, "D", ppl=30.0),  # avg 0.5
+             _doc(tmp_path / "w.json", 0.4, 0.2, "W", wanda, ppl=70.0),  # avg 0.3: lost 0.2; ppl +40
+             _doc(tmp_path / "i.json", 0.5, 0.3, "W", wanda, prompts={"route": "attention", "prompts": 4}, extra=1000,
+                  ppl=50.0),
+             _doc(tmp_path / "l.json", 0.45, 0.25, "W", wanda, adapter={"rank": 8}, extra=21000, ppl=40.0)]
     r = run_cli("table", *files, "--recovery", "--json")
     assert r.returncode == 0, r.stderr.decode()
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["run"] for row in rows] == ["dense", "wanda 50%", "wanda 50% + IDP (4 prompts)", "wanda 50% + LoRA r=8"]
     assert [row["avg"] for row in rows] == pytest.approx([0.5, 0.3, 0.4, 0.35])
     assert [row["recovered"] for row in rows] == pytest.approx([None, None, 0.5, 0.25])
+    assert [row["ppl recovered"] for row in rows] == pytest.approx([None, None, 0.5, 0.75])
     assert [row["extra params"] for row in rows] == [0, 0, 1000, 21000]
     assert rows[0]["ms/example"] == pytest.approx(1000 * 6.0 / 40)
     md = run_cli("table", *files, "--recovery", "--markdown").stdout.decode()
