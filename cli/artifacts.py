@@ -84,3 +84,13 @@ def load_artifact(path: str | Path, kind: str | None = None, fingerprint: str | 
         if missing:
             raise UserError(f"{path}: has no tensor {missing[0]!r}")
         return {n: f.get_tensor(n) for n in (names or f.keys())}, meta
+
+
+def load_prompt_bank(path: str, lm: Any, route: Any = None) -> Any:
+    """A bank's prompts (M, P, d) for the loaded model `lm`: refused when trained for another model, when
+    its width is not the model's, or when `route` (fixed:K) names a row it does not have."""
+    from rechannel.ops.prompts import BANK_KIND, Route, check_bank
+
+    tensors, _ = load_artifact(path, kind=BANK_KIND, fingerprint=lm.fingerprint, model=lm.spec, names=["prompts"])
+    check_bank(tensors["prompts"], lm.model.get_input_embeddings().weight.shape[1], route or Route("none"), path)
+    return tensors["prompts"]

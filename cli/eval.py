@@ -51,10 +51,10 @@ def _with_batch_size(run, requested: int | None, device: str):
 def _conditioning(lm: Any, prompts: str | None, route: str, layers: str) -> tuple[Any, dict[str, Any] | None]:
     """The soft-prompt bank and route, and what they cost in parameters. A bank trained for another model
     is refused (load_artifact checks its fingerprint)."""
-    from rechannel.cli.artifacts import load_artifact
+    from rechannel.cli.artifacts import load_prompt_bank
     from rechannel.ops.blocks import decoder_blocks
     from rechannel.ops.evaluate import Conditioning
-    from rechannel.ops.prompts import BANK_KIND, check_bank, parse_route, router
+    from rechannel.ops.prompts import parse_route, router
     from rechannel.ops.routing import parse_layers
 
     r = parse_route(route)
@@ -62,9 +62,7 @@ def _conditioning(lm: Any, prompts: str | None, route: str, layers: str) -> tupl
         if r.kind != "none":
             raise UserError(f"--route {route} needs a prompt bank: --prompts BANK.safetensors")
         return Conditioning(), None
-    tensors, meta = load_artifact(prompts, kind=BANK_KIND, fingerprint=lm.fingerprint, model=lm.spec, names=["prompts"])
-    bank = tensors["prompts"]
-    check_bank(bank, lm.model.get_input_embeddings().weight.shape[1], r, prompts)
+    bank = load_prompt_bank(prompts, lm, r)
     if r.kind == "none":
         return Conditioning(), {"path": prompts, "route": "none", "parameters": 0}
     picked = tuple(parse_layers(layers, len(decoder_blocks(lm.model))))

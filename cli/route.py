@@ -10,16 +10,6 @@ from rechannel.cli import options
 from rechannel.ops.errors import unknown_choice
 
 
-def load_bank(path: str, lm: Any) -> Any:
-    """The bank's prompts (M, P, d), refused when trained for another model."""
-    from rechannel.cli.artifacts import load_artifact
-    from rechannel.ops.prompts import BANK_KIND, Route, check_bank
-
-    tensors, _ = load_artifact(path, kind=BANK_KIND, fingerprint=lm.fingerprint, model=lm.spec, names=["prompts"])
-    check_bank(tensors["prompts"], lm.model.get_input_embeddings().weight.shape[1], Route("none"), path)
-    return tensors["prompts"]
-
-
 def _batches(lengths: list[int], size: int) -> list[list[int]]:
     """Indices in batches of at most `size` inputs of similar length (less padding)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -29,7 +19,7 @@ def _batches(lengths: list[int], size: int) -> list[list[int]]:
 def route_records(lm: Any, bank: Any, texts: list[str], by: str, layers: list[int], batch_size: int,
                   advance) -> list[tuple[int, list[float]]]:
     """(chosen prompt, scores) per text, in input order."""
-    from rechannel.ops.loglik import _pad_rows
+    from rechannel.ops.loglik import pad_rows
     from rechannel.ops.routing import bank_kv, route
 
     kv = bank_kv(lm.model, bank)
@@ -38,7 +28,7 @@ def route_records(lm: Any, bank: Any, texts: list[str], by: str, layers: list[in
     out: list[Any] = [None] * len(texts)
     for chunk in _batches([len(x) for x in ids], batch_size):
         rows = [ids[i] for i in chunk]
-        batch, mask = _pad_rows(rows, max(len(r) for r in rows), lm.tokenizer.pad_token_id or 0)
+        batch, mask = pad_rows(rows, max(len(r) for r in rows), lm.tokenizer.pad_token_id or 0)
         chosen, scores = route(lm.model, kv, batch, mask, by, layers)
         for i, k, s in zip(chunk, chosen.tolist(), scores.tolist(), strict=True):
             out[i] = (k, [round(v, 6) for v in s])
@@ -71,6 +61,7 @@ def route_command(
 
     The prompts' keys and values are computed once; each input then runs once with every prompt in front of it (each at the positions it was trained at) and the prompt that receives the most attention from the input's tokens (mean over heads, tokens and --layers) is chosen. The record gains "route": {"prompt", "scores", "by", "layers"}.
     """
+    from rechannel.cli.artifacts import load_prompt_bank
     from rechannel.cli.console import progress
     from rechannel.cli.jsonl import JsonlWriter
     from rechannel.ops.blocks import decoder_blocks
@@ -82,7 +73,7 @@ def route_command(
     records = read_jsonl(input, require=(field,))
     texts = [r.field(field, str) for r in records]
     lm = options.load(model, device, dtype, trust_remote_code)
-    bank = load_bank(prompts, lm)
+    bank = load_prompt_bank(prompts, lm)
     picked = parse_layers(layers, len(decoder_blocks(lm.model)))
     with progress() as bar:
         task = bar.add_task(f"routing by {by}", total=len(texts))

@@ -74,7 +74,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def _pad_rows(rows: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids (N, width) and the mask of real tokens (N, width)."""
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -91,7 +91,7 @@ def score_batch(model: nn.Module, units: Sequence[ScoreUnit], prompts: torch.Ten
     decoder, embed = model.get_decoder(), model.get_input_embeddings()
     device = embed.weight.device
     n_prompt = prompts.shape[1] if prompts is not None else 0
-    ids, mask = _pad_rows([u.prefix for u in units], max(len(u.prefix) for u in units), pad_id)  # (B, Lp)
+    ids, mask = pad_rows([u.prefix for u in units], max(len(u.prefix) for u in units), pad_id)  # (B, Lp)
     prefix_len = mask.sum(1) + n_prompt  # (B,)
     if n_prompt:
         soft = prompts[[u.prompt for u in units]].to(device, embed.weight.dtype)  # (B, P, d)
@@ -164,7 +164,7 @@ def _score_group(decoder: nn.Module, model: nn.Module, cache, rows: list[tuple[i
     width = max(len(rows[r][1]) for r in group) - 1
     owner = torch.tensor([rows[r][0] for r in group])
     cache.batch_select_indices(owner.to(device))  # (B, ...) -> (group, ...): one copy of the prefix per row
-    ids, mask = _pad_rows([rows[r][1][:-1] for r in group], width, pad_id)  # (group, width)
+    ids, mask = pad_rows([rows[r][1][:-1] for r in group], width, pad_id)  # (group, width)
     positions = prefix_len[owner].view(-1, 1) + torch.arange(width).view(1, -1)  # (group, width)
     attention = torch.cat([prefix_mask[owner], mask], 1)
     hidden = decoder(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),

@@ -58,7 +58,7 @@ def main() -> None:
     args = p.parse_args()
 
     from rechannel.ops.blocks import decoder_blocks
-    from rechannel.ops.loglik import _pad_rows
+    from rechannel.ops.loglik import pad_rows
     from rechannel.ops.models import load_model
     from rechannel.ops.routing import bank_kv, parse_layers, prompted_logits, route
 
@@ -72,7 +72,7 @@ def main() -> None:
     batches = []
     for i in range(0, len(rows), args.batch):
         chunk = rows[i:i + args.batch]
-        batches.append(_pad_rows(chunk, max(len(r) for r in chunk), tok.pad_token_id or 0))
+        batches.append(pad_rows(chunk, max(len(r) for r in chunk), tok.pad_token_id or 0))
     n_layers = len(decoder_blocks(model))
 
     def single():  # one prompt prepended as input embeddings, the whole forward
