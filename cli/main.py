@@ -16,7 +16,18 @@ import traceback
 import typer
 
 from rechannel import __version__
-from rechannel.cli import calibrate, compress, eval, generate, inspect, models, route, table, train_prompts
+from rechannel.cli import (
+    align,
+    calibrate,
+    compress,
+    eval,
+    generate,
+    inspect,
+    models,
+    route,
+    table,
+    train_prompts,
+)
 from rechannel.ops.errors import UserError
 
 HELP = """Compress a causal LM, measure what it lost, and win the knowledge back with routed soft prompts.
@@ -58,6 +69,7 @@ app.command("compress")(compress.compress_command)
 app.command("eval")(eval.eval_command)
 app.command("train-prompts")(train_prompts.train_prompts_command)
 app.command("route")(route.route_command)
+app.command("align")(align.align_command)
 app.command("table")(table.table_command)
 
 

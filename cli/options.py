@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -23,3 +23,19 @@ def load(model: str, device: str, dtype: str, trust_remote_code: bool):  # -> re
 
     tame_libraries()
     return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def load_teacher(spec: str, lm: Any, device: str, dtype: str, trust_remote_code: bool) -> Any:
+    """A teacher for `lm`: refused unless it shares its vocabulary (distributions are compared token by token)
+    and, when `lm` records it as its source, unless its fingerprint is still the recorded one."""
+    from rechannel.ops.errors import UserError
+
+    teacher = load(spec, device, dtype, trust_remote_code)
+    if teacher.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
+        raise UserError(f"the teacher {spec!r} has another vocabulary than the model; teacher and student "
+                        "distributions are compared token by token, so both must share one tokenizer")
+    recorded = (getattr(lm.model.config, "rechannel", None) or {}).get("source", {})
+    if recorded.get("model") == spec and recorded.get("fingerprint") not in (None, teacher.fingerprint):
+        raise UserError(f"the model was compressed from {spec!r} with fingerprint {recorded['fingerprint']}, "
+                        f"but {spec!r} now has fingerprint {teacher.fingerprint}")
+    return teacher

@@ -38,3 +38,52 @@ def attention_figure(path: str, curves: list[tuple[str, str, list[float]]]) -> N
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def alignment_figures(directory: str, nodes: list[dict], teachers: list[str], gradient: str = "rkl") -> None:
+    """alignment-along-rollouts.png: per teacher, the alignment at each node against its position (red:
+    incorrect rollouts, green: correct ones); alignment-distributions.png: per teacher, histograms of the
+    alignment on correct and on incorrect rollouts."""
+    from pathlib import Path
+
+    from rechannel.ops.atomic import atomic_path
+
+    plt = _pyplot()
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    n = max(len(teachers), 1)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for ax, t in zip(axes[0], teachers, strict=True):
+        runs: dict[tuple, list[tuple[int, float]]] = {}
+        for node in nodes:
+            value = node["teachers"][t]["align"][gradient]
+            if value is not None:
+                runs.setdefault((node["question"], node["rollout"], node["correct"]), []).append(
+                    (node["position"], value))
+        for (_, _, correct), pts in runs.items():
+            pts.sort()
+            ax.plot([p for p, _ in pts], [v for _, v in pts], "-o", markersize=3, alpha=0.6,
+                    color="tab:green" if correct else "tab:red")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xscale("symlog")
+        ax.set(title=f"{t}: {gradient} alignment along rollouts", xlabel="position in rollout",
+               ylabel="cosine with g_ideal", ylim=(-1.05, 1.05))
+    _save(fig, plt, Path(directory) / "alignment-along-rollouts.png", atomic_path)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for ax, t in zip(axes[0], teachers, strict=True):
+        for correct, color in ((False, "tab:red"), (True, "tab:green")):
+            vals = [node["teachers"][t]["align"][gradient] for node in nodes if node["correct"] is correct]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                ax.hist(vals, bins=20, range=(-1, 1), alpha=0.5, color=color,
+                        label=f"{'correct' if correct else 'incorrect'} (n={len(vals)})")
+        ax.set(title=f"{t}: {gradient} alignment", xlabel="cosine with g_ideal", ylabel="nodes")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    _save(fig, plt, Path(directory) / "alignment-distributions.png", atomic_path)
+
+
+def _save(fig: Any, plt: Any, path: Any, atomic_path: Any) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

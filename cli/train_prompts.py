@@ -28,18 +28,6 @@ def default_teacher(lm: Any) -> str:
     return source["model"]
 
 
-def load_teacher(spec: str, lm: Any, device: str, dtype: str, trust_remote_code: bool) -> Any:
-    teacher = options.load(spec, device, dtype, trust_remote_code)
-    if teacher.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
-        raise UserError(f"the teacher {spec!r} has another vocabulary than the model; kd compares distributions "
-                        "token by token, so both must share one tokenizer")
-    recorded = (getattr(lm.model.config, "rechannel", None) or {}).get("source", {})
-    if recorded.get("model") == spec and recorded.get("fingerprint") not in (None, teacher.fingerprint):
-        raise UserError(f"the model was compressed from {spec!r} with fingerprint {recorded['fingerprint']}, "
-                        f"but {spec!r} now has fingerprint {teacher.fingerprint}")
-    return teacher
-
-
 def _resume(output: str, args: dict[str, Any], fingerprint: str) -> Any:
     """The checkpoint's training state, after checking it belongs to this very run."""
     from rechannel.cli.artifacts import load_artifact
@@ -156,7 +144,7 @@ def train_prompts_command(
     teacher_lm = None
     if objective == "kd":
         args["teacher"] = teacher = teacher or default_teacher(lm)
-        teacher_lm = load_teacher(teacher, lm, device, dtype, trust_remote_code)
+        teacher_lm = options.load_teacher(teacher, lm, device, dtype, trust_remote_code)
     provenance = _provenance(lm, model, args)
     state = _start(output, args, lm, job["init"], resume, log)
     windows = draw_windows(texts, lm.tokenizer, steps * batch, seqlen, seed)

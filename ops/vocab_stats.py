@@ -24,7 +24,7 @@ from rechannel.ops.prune import use_triton
 
 # Output columns, one row per token (float32).
 COLUMNS = (
-    "lse_p", "lse_q",  # log-normalisers of the student and teacher logits
+    "lnorm_p", "lnorm_q",  # log-normalisers relative to the observed token: lse(z) - z_y (log p_y = -lnorm_p)
     "kl_pq",  # KL(p‖q)
     "kl_pm", "kl_qm",  # KL(p‖m), KL(q‖m) with m = βp + (1-β)q
     "entropy_p",  # -Σ p log p
@@ -91,8 +91,8 @@ def vocab_stats_torch(zp: torch.Tensor, zq: torch.Tensor, y: torch.Tensor, beta:
             (p2o * (lq - lp - a_rkl_y[:, None] - b_rkl[:, None]) ** 2).sum(1),
             (p2o * (lp - lm - a_jsd_y[:, None] - b_jsd[:, None]) ** 2).sum(1),
         ], 1)
-    lse = torch.stack([zp_y + sp_p, zq_y + sp_q], 1)
-    return torch.cat([lse, sums[:, :8], b_rkl[:, None], norms[:, :1], b_jsd[:, None], norms[:, 1:]], 1)
+    lnorm = torch.stack([sp_p, sp_q], 1)
+    return torch.cat([lnorm, sums[:, :8], b_rkl[:, None], norms[:, :1], b_jsd[:, None], norms[:, 1:]], 1)
 
 
 def _log_normaliser(z: torch.Tensor, y: torch.Tensor, z_y: torch.Tensor) -> torch.Tensor:

@@ -128,8 +128,8 @@ def _vocab_stats_kernel(zp_ptr, zq_ptr, y_ptr, out_ptr, v, stride_p, stride_q, l
         n_rkl += p * p * d_rkl * d_rkl
         n_jsd += p * p * d_jsd * d_jsd
     out = out_ptr + t * NCOL
-    tl.store(out + 0, zp_y + sp_p)
-    tl.store(out + 1, zq_y + sp_q)
+    tl.store(out + 0, sp_p)
+    tl.store(out + 1, sp_q)
     tl.store(out + 2, tl.sum(kl_pq, axis=0))
     tl.store(out + 3, tl.sum(kl_pm, axis=0))
     tl.store(out + 4, tl.sum(kl_qm, axis=0))

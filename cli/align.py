@@ -1,0 +1,152 @@
+"""`rechannel align`: where, token by token, a teacher's distillation signal points toward success."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rechannel.cli import options
+from rechannel.ops.errors import UserError
+
+SELF = "self"
+
+
+def _pass_rate(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"--select-pass-rate {text!r}: write LOW:HIGH, e.g. 0.1:0.9") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise UserError(f"--select-pass-rate {text!r}: need 0 <= LOW <= HIGH <= 1")
+    return lo, hi
+
+
+def _questions(data: str, field: str, id_field: str, verifier: Any, limit: int | None) -> list[Any]:
+    from rechannel.ops.align import Question
+    from rechannel.ops.records import read_jsonl
+    from rechannel.ops.verifiers import check_record
+
+    records = read_jsonl(data, require=(field,))
+    records = records[:limit] if limit else records
+    for r in records:
+        r.field(field, str)
+        check_record(verifier, r)
+    return [Question(i, r.data, r.data.get(id_field, i)) for i, r in enumerate(records)]
+
+
+def _check_fields(contexts: list[Any], questions: list[Any]) -> None:
+    for c in contexts:
+        for name in c.fields():
+            missing = next((q for q in questions if name not in q.record), None)
+            if missing is not None:
+                raise UserError(f"record {missing.index + 1}: context {c.name} needs the field {name!r}")
+
+
+def _scorers(student: Any, teachers: list[str], contexts: list[Any], load: Any) -> list[Any]:
+    """Every teacher model with every context, except the student itself with no context (q = p)."""
+    from rechannel.ops.align import Scorer
+    from rechannel.ops.contexts import prompt_ids
+
+    out = []
+    for spec in teachers:
+        lm = student if spec == SELF else load(spec)
+        ids = prompt_ids(lm.tokenizer)
+        for ctx in contexts:
+            if spec == SELF and ctx.name == "none":
+                continue
+            name = f"{spec if spec == SELF else Path(spec).name}+{ctx.name.split('/')[-1]}"
+            out.append(Scorer(name, lm.model, lambda rec, c=ctx, f=ids: f(c.render(rec))))
+    if not out:
+        raise UserError("no teacher: the student with no context is the student itself; add --context reference "
+                        "or a --teacher model")
+    return out
+
+
+def _previous(nodes: str, resume: bool) -> tuple[list[dict], list[dict]]:
+    """(question records, node records) already written: whole questions only (a question's record closes it)."""
+    from rechannel.ops.records import read_jsonl
+
+    if not resume:
+        return [], []
+    if nodes == "-":
+        raise UserError("--resume needs --nodes FILE: the node records written so far are read back from it")
+    if not Path(nodes).exists():
+        return [], []
+    records = [r.data for r in read_jsonl(nodes, allow_empty=True)]
+    done = {r["question"] for r in records if r.get("kind") == "question"}
+    return ([r for r in records if r.get("kind") == "question"],
+            [r for r in records if r.get("kind") == "node" and r["question"] in done])
+
+
+def align_command(
+    data: Annotated[str, typer.Option("--data", "-d", help="JSONL questions ('-' = stdin).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The summary JSON ('-' = stdout).")],
+    student: Annotated[str, typer.Option(help="The student: alias, .gguf or model directory.",
+                                         rich_help_panel="Model")] = "smollm2-135m",
+    teacher: Annotated[list[str] | None, typer.Option(help="A teacher model with the student's tokenizer, or "
+                                                      "'self' (repeatable; default self).")] = None,
+    context: Annotated[list[str] | None, typer.Option(help="What each teacher sees before the rollout: none, "
+                                                      "reference or template:FILE (repeatable; default reference)."
+                                                      )] = None,
+    field: Annotated[str, typer.Option(help="The record field holding the question.")] = "question",
+    id_field: Annotated[str, typer.Option(help="The record field naming the question (else its index).")] = "id",
+    verifier: Annotated[str, typer.Option(help="gsm8k, mc, exact or regex:PATTERN (reads the 'answer' field).")
+                        ] = "gsm8k",
+    rollouts: Annotated[int, typer.Option(min=1, help="Student rollouts per question.")] = 8,
+    continuations: Annotated[int, typer.Option(min=1, help="Student continuations per candidate (S_k).")] = 8,
+    candidates: Annotated[int, typer.Option(min=1, help="Top tokens of the student and of each teacher in K.")
+                          ] = 4,
+    budget: Annotated[int, typer.Option(help="Nodes per question.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Student sampling temperature.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Rollout length at most.")] = 256,
+    beta: Annotated[float, typer.Option(help="β of JSD(β), in (0, 1).")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of rollouts, nodes and continuations.")] = 0,
+    select_pass_rate: Annotated[str | None, typer.Option(help="LOW:HIGH: analyse only questions whose rollouts "
+                                                         "pass at a rate in this range, e.g. 0.1:0.9.")] = None,
+    max_questions: Annotated[int | None, typer.Option(min=1, help="Stop after this many analysed questions.")
+                             ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Read only the first N questions.")] = None,
+    nodes: Annotated[str, typer.Option(help="Where node records go ('-' = stdout), question by question.")] = "-",
+    resume: Annotated[bool, typer.Option("--resume", help="Skip questions already in --nodes FILE.")] = False,
+    plot: Annotated[str | None, typer.Option(help="Write PNG figures into this directory.")] = None,
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    trust_remote_code: options.TrustRemoteCode = False,
+) -> None:
+    """Diagnose on-policy distillation per token: does each teacher's gradient point where the student's
+    chance of success rises? Node records go to stdout (or --nodes), the summary to -o, a table to stderr.
+
+    [bold]Examples[/bold]
+
+      rechannel align --data gsm8k.jsonl --context reference -o summary.json > nodes.jsonl
+      rechannel align --student out/gptq-4 --teacher smollm2-135m --teacher self --context none \\
+          --context reference --data gsm8k.jsonl --select-pass-rate 0.1:0.9 --max-questions 20 -o s.json
+      jq 'select(.kind == "node") | .teachers["self+reference"].align.rkl' nodes.jsonl
+    """
+    from rechannel.ops.align import AlignConfig
+    from rechannel.ops.contexts import get_context
+    from rechannel.ops.verifiers import get_verifier
+
+    if budget < 1:
+        raise UserError(f"--budget {budget}: at least one node per question")
+    if not 0.0 < beta < 1.0:
+        raise UserError(f"--beta {beta}: must be in (0, 1)")
+    cfg = AlignConfig(rollouts, continuations, candidates, budget, temperature, max_new_tokens, seed, beta,
+                      _pass_rate(select_pass_rate))
+    check = get_verifier(verifier)
+    contexts = [get_context(c, field) for c in (context or ["reference"])]
+    questions = _questions(data, field, id_field, check, limit)
+    _check_fields(contexts, questions)
+    old_q, old_nodes = _previous(nodes, resume)
+    lm = options.load(student, device, dtype, trust_remote_code)
+    scorers = _scorers(lm, teacher or [SELF], contexts,
+                       lambda spec: options.load_teacher(spec, lm, device, dtype, trust_remote_code))
+    from rechannel.cli.align_run import run
+
+    run(lm, scorers, check, cfg, questions, old_q, old_nodes, nodes, output, max_questions, plot,
+        {"student": student, "teachers": [s.name for s in scorers], "verifier": verifier, "data": data,
+         "field": field, **cfg.__dict__})

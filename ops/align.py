@@ -1,0 +1,204 @@
+"""Per-token diagnosis of on-policy distillation for one question (DESIGN.md, "Per-token diagnosis").
+
+For a question: sample the student's rollouts and verify them; choose nodes in exponentially growing depth
+windows within the budget; score every rollout once with the student and once with each teacher (each on
+its own context followed by the student's tokens); at each node build K, estimate S_k by continuations that
+share the node's cached prefix, and compute the quantities of ops/alignment.py. Everything is seeded per
+question, so a resumed run gives the same records.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rechannel.ops.alignment import Candidates, on_candidates, over_vocabulary
+from rechannel.ops.kvcache import LayerKV, build_cache, cache_keyword, layer_kv, returned_cache
+from rechannel.ops.rollouts import continue_rows, draw
+from rechannel.ops.verifiers import Verifier
+from rechannel.ops.vocab_stats import COL, vocab_stats
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    rollouts: int = 8
+    continuations: int = 8
+    candidates: int = 4  # top tokens taken from the student and from each teacher
+    budget: int = 64  # nodes per question
+    temperature: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    beta: float = 0.5  # JSD(β)
+    pass_rate: tuple[float, float] | None = None  # analyse only questions whose rollouts pass at this rate
+
+
+@dataclass
+class Scorer:
+    """A model with the prompt it is shown for a record: the student, or a teacher configuration."""
+
+    name: str
+    model: Any
+    prompt: Callable[[dict[str, Any]], list[int]]  # record -> token ids before the rollout
+
+
+@dataclass
+class Question:
+    index: int
+    record: dict[str, Any]
+    qid: Any  # the record's id field, or its index
+
+
+def depth_windows(length: int) -> list[range]:
+    """Positions 0..length-1 cut into windows [2^w - 1, 2^(w+1) - 1): sizes 1, 2, 4, 8, ..."""
+    out, w = [], 0
+    while 2 ** w - 1 < length:
+        out.append(range(2 ** w - 1, min(2 ** (w + 1) - 1, length)))
+        w += 1
+    return out
+
+
+def choose_nodes(lengths: Sequence[int], budget: int, rng: random.Random) -> list[tuple[int, int, int]]:
+    """(rollout, position, window) triples: one random position per rollout and window, shallow windows
+    first, rollouts taken in turn, until `budget` nodes; the cost follows the budget, not the length."""
+    windows = [depth_windows(n) for n in lengths]
+    chosen: list[tuple[int, int, int]] = []
+    for w in range(max((len(x) for x in windows), default=0)):
+        for r, wins in enumerate(windows):
+            if w < len(wins) and len(chosen) < budget:
+                chosen.append((r, rng.choice(wins[w]), w))
+    return sorted(chosen)
+
+
+def extend(model: Any, kv: list[LayerKV], length: int, ids: Sequence[int]) -> tuple[torch.Tensor, list[LayerKV]]:
+    """Run `ids` after a cached prefix of `length` positions: (len(ids), V) logits and the longer cache."""
+    device = next(model.parameters()).device
+    cache = build_cache([(k[:, :, :length], v[:, :, :length]) for k, v in kv])
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=True,
+                    **cache_keyword(model, cache))
+    return out.logits[0], layer_kv(returned_cache(out))
+
+
+def prompt_state(model: Any, ids: list[int]) -> tuple[torch.Tensor, list[LayerKV]]:
+    """The prompt's last logits (V,) and cache: a scorer sees its prompt once per question."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    return out.logits[0, -1], layer_kv(returned_cache(out))
+
+
+def rollout_logits(model: Any, state: tuple[torch.Tensor, list[LayerKV]], n_prompt: int,
+                   rollout: list[int]) -> tuple[torch.Tensor, list[LayerKV]]:
+    """(n, V) next-token logits at each rollout position (position t predicts rollout[t]) and the cache."""
+    last, kv = state
+    if len(rollout) == 1:
+        return last[None], kv
+    logits, kv = extend(model, kv, n_prompt, rollout[:-1])  # (n - 1, V)
+    return torch.cat([last[None], logits], 0), kv
+
+
+class Diagnosis:
+    """Runs the diagnosis question by question for one student, its teachers and a verifier."""
+
+    def __init__(self, student: Scorer, tokenizer: Any, teachers: list[Scorer], verifier: Verifier,
+                 cfg: AlignConfig, stop_ids: set[int]) -> None:
+        self.student, self.tok, self.teachers = student, tokenizer, teachers
+        self.verifier, self.cfg, self.stop_ids = verifier, cfg, stop_ids
+        self.device = next(student.model.parameters()).device
+
+    def text(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def correct(self, ids: Sequence[int], record: dict[str, Any]) -> bool:
+        return self.verifier.check(self.text(ids), record)
+
+    def run(self, q: Question, on_node: Callable[[], None] = lambda: None) -> tuple[dict, list[dict]]:
+        """(question record, node records) for one question."""
+        cfg = self.cfg
+        gen = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + q.index)
+        prompt = self.student.prompt(q.record)
+        state = prompt_state(self.student.model, prompt)
+        first = draw(state[0][None], cfg.temperature, gen, n=cfg.rollouts)[0]  # (R,)
+        rollouts = continue_rows(self.student.model, state[1], len(prompt), first, cfg.max_new_tokens,
+                                 cfg.temperature, self.stop_ids, gen)
+        correct = [self.correct(r, q.record) for r in rollouts]
+        rate = sum(correct) / len(correct)
+        head = {"kind": "question", "question": q.qid, "index": q.index, "pass_rate": rate,
+                "correct": correct, "lengths": [len(r) for r in rollouts], "prompt_tokens": len(prompt)}
+        lo, hi = cfg.pass_rate or (0.0, 1.0)
+        if not lo <= rate <= hi:
+            return {**head, "selected": False, "nodes": 0}, []
+        nodes = choose_nodes([len(r) for r in rollouts], cfg.budget, random.Random(cfg.seed * 1_000_003 + q.index))
+        records = list(self._nodes(q, prompt, state, rollouts, correct, nodes, gen, on_node))
+        return {**head, "selected": True, "nodes": len(records)}, records
+
+    def _nodes(self, q, prompt, state, rollouts, correct, nodes, gen, on_node) -> Iterator[dict]:
+        teacher_states = [(t, t.prompt(q.record)) for t in self.teachers]
+        teacher_states = [(t, ids, prompt_state(t.model, ids)) for t, ids in teacher_states]
+        for r, rollout in enumerate(rollouts):
+            here = [(t, w) for rr, t, w in nodes if rr == r]
+            if not here:
+                continue
+            zs, kv = rollout_logits(self.student.model, state, len(prompt), rollout)  # (n, V)
+            pos = torch.tensor([t for t, _ in here], device=zs.device)
+            zp, y = zs[pos], torch.tensor(rollout, device=zs.device)[pos]  # (N, V), (N,)
+            teach = []
+            for t, ids, t_state in teacher_states:
+                zt, _ = rollout_logits(t.model, t_state, len(ids), rollout)
+                zq = zt[pos].to(zp.device)
+                teach.append((t.name, zq, vocab_stats(zp, zq, y, self.cfg.beta)))
+            for i, (t, w) in enumerate(here):
+                yield self._node(q, r, rollout, correct[r], t, w, kv, len(prompt), zp[i],
+                                 [(name, zq[i], st[i]) for name, zq, st in teach], gen)
+                on_node()
+
+    def _candidates(self, y: int, zp: torch.Tensor, zqs: list[torch.Tensor]) -> list[int]:
+        k = self.cfg.candidates
+        out = [y]
+        for z in [zp, *zqs]:
+            out += [t for t in z.topk(min(k, z.shape[0])).indices.tolist() if t not in out]
+        return out
+
+    def _success(self, kv, length: int, rollout: list[int], t: int, cands: list[int], gen, record) -> torch.Tensor:
+        """S_k: the share of C student continuations that verify after forcing candidate k at position t."""
+        c = self.cfg.continuations
+        first = torch.tensor(cands, device=self.device).repeat_interleave(c)  # (|K| C,)
+        rows = continue_rows(self.student.model, kv, length + t, first, self.cfg.max_new_tokens - t,
+                             self.cfg.temperature, self.stop_ids, gen)
+        ok = torch.tensor([self.correct(rollout[:t] + row, record) for row in rows], dtype=torch.float64)
+        return ok.view(len(cands), c).mean(1)  # (|K|,)
+
+    def _node(self, q, r, rollout, correct, t, w, kv, n_prompt, zp, teach, gen) -> dict:
+        y = rollout[t]
+        cands = self._candidates(y, zp, [zq for _, zq, _ in teach])
+        s = self._success(kv, n_prompt, rollout, t, cands, gen, q.record)
+        idx = torch.tensor(cands, device=zp.device)
+        zp64 = zp.double()
+        first_stats = teach[0][2].double() if teach else None
+        lnorm_p = first_stats[COL["lnorm_p"]] if first_stats is not None else torch.logsumexp(zp64, 0) - zp64[y]
+        lp = ((zp64[idx] - zp64[y]) - lnorm_p).cpu()  # (K,) full-vocabulary log p, exact near p_y = 1
+        p = lp.exp()
+        v = float((p / p.sum() * s).sum())
+        rec = {"kind": "node", "question": q.qid, "rollout": r, "correct": correct, "position": t, "window": w,
+               "token": y, "text": self.text([y]), "V": v, "p_mass": float(p.sum()),
+               "K": [{"token": k, "text": self.text([k]), "p": float(p[i]), "S": float(s[i])}
+                     for i, k in enumerate(cands)],
+               "continuations": self.cfg.continuations, "teachers": {}}
+        for name, zq, st in teach:
+            zq64 = zq.double()
+            lq = ((zq64[idx] - zq64[y]) - st.double()[COL["lnorm_q"]]).cpu()
+            for i, item in enumerate(rec["K"]):
+                item.setdefault("q", {})[name] = float(lq[i].exp())
+            k_side = on_candidates(p, lq.exp(), s, self.cfg.beta)
+            rec["teachers"][name] = {
+                **k_side, "align_vocab": over_vocabulary(Candidates(cands, lp, s), lq, st.cpu(), self.cfg.beta),
+                "kl": float(st[COL["kl_pq"]]), "js": float(self.cfg.beta * st[COL["kl_pm"]]
+                                                          + (1 - self.cfg.beta) * st[COL["kl_qm"]]),
+                "q_mass": float(lq.exp().sum()),
+            }
+        rec["entropy"] = float(first_stats[COL["entropy_p"]]) if first_stats is not None else None
+        return rec

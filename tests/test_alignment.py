@@ -1,0 +1,128 @@
+"""The per-node quantities against a hand-computed case and against autograd in float64.
+
+Each distillation gradient is, by DESIGN.md's definition, −∂D(softmax(z), q)/∂z and g_ideal is
+∂(Σ_k softmax(z)_k S_k)/∂z: autograd computes both without any of the closed forms under test.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from rechannel.ops.align import choose_nodes, depth_windows
+from rechannel.ops.alignment import Candidates, on_candidates, over_vocabulary
+from rechannel.ops.align_summary import describe
+from rechannel.ops.vocab_stats import vocab_stats_torch
+
+BETA = 0.4
+
+
+def _cos(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_hand_built_case():
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    q = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    s = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)
+    out = on_candidates(p, q, s, BETA)
+    # V = 0.3 + 0.1 = 0.4; g_ideal = (-0.2, 0.18, 0.02); forward KL: q - p = (-0.3, 0.2, 0.1)
+    assert out["align"]["fkl"] == pytest.approx(0.098 / (math.sqrt(0.0728) * math.sqrt(0.14)), abs=1e-12)
+    assert out["advantage"] == pytest.approx(0.25, abs=1e-12)  # ⟨q - p, S⟩ = 0 + 0.2 + 0.05
+    kl = 0.5 * math.log(0.5 / 0.2) + 0.3 * math.log(0.3 / 0.5) + 0.2 * math.log(0.2 / 0.3)
+    g_rkl = [pk * (math.log(qk) - math.log(pk) + kl) for pk, qk in zip([0.5, 0.3, 0.2], [0.2, 0.5, 0.3])]
+    ideal = [-0.2, 0.18, 0.02]
+    want = sum(a * b for a, b in zip(ideal, g_rkl)) / (math.hypot(*ideal) * math.hypot(*g_rkl))
+    assert out["align"]["rkl"] == pytest.approx(want, abs=1e-12)
+    # sampled token y = index 0: A = log(0.2 / 0.5) < 0, g = A (e_0 - p) = A (0.5, -0.3, -0.2)
+    e = [0.5, -0.3, -0.2]
+    want_tok = -sum(a * b for a, b in zip(ideal, e)) / (math.hypot(*ideal) * math.hypot(*e))
+    assert out["align"]["sampled"] == pytest.approx(want_tok, abs=1e-12)
+
+
+def test_equal_success_or_teacher_equal_to_student_is_undefined():
+    p = torch.tensor([0.6, 0.4], dtype=torch.float64)
+    flat = on_candidates(p, torch.tensor([0.1, 0.9], dtype=torch.float64), torch.tensor([1.0, 1.0]).double(), BETA)
+    assert all(v is None for v in flat["align"].values())
+    same = on_candidates(p, p.clone(), torch.tensor([0.0, 1.0]).double(), BETA)
+    assert same["align"]["fkl"] is None and same["align"]["rkl"] is None and same["advantage"] == 0.0
+
+
+def _autograd_gradients(zp: torch.Tensor, q: torch.Tensor, s: torch.Tensor, y: int) -> dict[str, torch.Tensor]:
+    """−∂D/∂z for each divergence, and ∂V/∂z, by autograd on logits z (float64)."""
+    def grad(f):
+        z = zp.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(z.softmax(-1), z.log_softmax(-1)), z)
+        return g
+
+    def jsd(p, lp):
+        m = BETA * p + (1 - BETA) * q
+        return BETA * (p * (lp - m.log())).sum() + (1 - BETA) * (q * (q.log() - m.log())).sum()
+
+    adv = float(q.log()[y] - zp.log_softmax(-1)[y])
+    return {
+        "ideal": grad(lambda p, lp: (p * s).sum()),
+        "rkl": -grad(lambda p, lp: (p * (lp - q.log())).sum()),
+        "fkl": -grad(lambda p, lp: (q * (q.log() - lp)).sum()),
+        "jsd": -grad(jsd),
+        "sampled": adv * grad(lambda p, lp: lp[y]),
+    }
+
+
+def test_closed_forms_on_k_equal_autograd():
+    g = torch.Generator().manual_seed(0)
+    zp, zq = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    s = torch.rand(6, generator=g, dtype=torch.float64)
+    ref = _autograd_gradients(zp, zq.softmax(-1), s, y=0)
+    out = on_candidates(zp.softmax(-1) * 0.3, zq.softmax(-1) * 0.7, s, BETA)  # K's mass: renormalised inside
+    for name in ("rkl", "fkl", "jsd", "sampled"):
+        assert out["align"][name] == pytest.approx(_cos(ref["ideal"], ref[name]), abs=1e-10), name
+
+
+@pytest.mark.parametrize("peak", [0.0, 12.0])
+def test_full_vocabulary_cosines_equal_autograd(peak):
+    g = torch.Generator().manual_seed(1)
+    v, y = 50, 7
+    zp = torch.randn(v, generator=g, dtype=torch.float64) * 2
+    zp[y] += peak
+    zq = zp + torch.randn(v, generator=g, dtype=torch.float64)
+    cands = [y, 3, 11, 40]
+    s_k = torch.tensor([0.25, 0.0, 1.0, 0.5], dtype=torch.float64)
+    # the reference: g_ideal over the vocabulary with S on K, and p's own V on K, zero elsewhere
+    p = zp.softmax(-1)
+    pk = p[cands]
+    v_k = float((pk / pk.sum() * s_k).sum())
+    ideal = torch.zeros(v, dtype=torch.float64)
+    ideal[cands] = pk * (s_k - v_k)
+    ref = _autograd_gradients(zp, zq.softmax(-1), torch.zeros(v, dtype=torch.float64), y)
+    stats = vocab_stats_torch(zp.float()[None], zq.float()[None], torch.tensor([y]), BETA)[0]
+    lp = zp.float().double().log_softmax(-1)[cands]
+    lq = zq.float().double().log_softmax(-1)[cands]
+    got = over_vocabulary(Candidates(cands, lp, s_k), lq, stats, BETA)
+    for name in ("rkl", "fkl", "jsd", "sampled"):
+        assert got[name] == pytest.approx(_cos(ideal, ref[name]), abs=2e-4), name
+
+
+def test_depth_windows_grow_exponentially_and_cover_the_rollout():
+    assert [list(w) for w in depth_windows(10)] == [[0], [1, 2], [3, 4, 5, 6], [7, 8, 9]]
+    assert depth_windows(0) == []
+
+
+def test_nodes_follow_the_budget_shallow_windows_first():
+    rng = random.Random(0)
+    nodes = choose_nodes([300, 5, 40], budget=12, rng=rng)
+    assert len(nodes) == 12 and len(set(nodes)) == 12
+    windows = sorted(w for _, _, w in nodes)
+    assert windows[:3] == [0, 0, 0] and windows[3:6] == [1, 1, 1]  # every rollout gets window 0, then 1 ...
+    for r, t, w in nodes:
+        assert t in depth_windows([300, 5, 40][r])[w]
+    assert len(choose_nodes([300, 5, 40], budget=1000, rng=rng)) == 9 + 3 + 6  # at most one per window
+
+
+def test_describe():
+    d = describe([-1.0, 0.5, 2.0, 0.5])
+    assert d == {"n": 4, "mean": 0.5, "median": 0.5, "std": pytest.approx(math.sqrt(1.125)), "share_positive": 0.75}
+    assert describe([])["mean"] is None
