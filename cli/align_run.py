@@ -106,6 +106,9 @@ def print_table(summary: dict, teachers: list[str]) -> None:
                           _cell(b["align_vocab"]["rkl"]), _cell(b["align"]["fkl"]), _cell(b["align"]["jsd"]),
                           _cell(b["align"]["sampled"]), f"{ta['mean']:+.4f}" if ta["n"] else "-",
                           f"{kl['mean']:.3f}" if kl["n"] else "-")
-    console().print(table, width=max(console().width, 150))
+    out = console()
+    if not out.is_terminal:  # a log file has no width: do not squeeze the table into 80 columns
+        out.width = max(out.width, 150)
+    out.print(table)
     for t in teachers:
-        info(finding(summary, t))
+        out.print(finding(summary, t), soft_wrap=True)

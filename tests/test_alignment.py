@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from rechannel.ops.align import choose_nodes, depth_windows
-from rechannel.ops.alignment import Candidates, on_candidates, over_vocabulary
 from rechannel.ops.align_summary import describe
+from rechannel.ops.alignment import Candidates, on_candidates, over_vocabulary
 from rechannel.ops.vocab_stats import vocab_stats_torch
 
 BETA = 0.4
@@ -33,13 +33,13 @@ def test_hand_built_case():
     assert out["align"]["fkl"] == pytest.approx(0.098 / (math.sqrt(0.0728) * math.sqrt(0.14)), abs=1e-12)
     assert out["advantage"] == pytest.approx(0.25, abs=1e-12)  # ⟨q - p, S⟩ = 0 + 0.2 + 0.05
     kl = 0.5 * math.log(0.5 / 0.2) + 0.3 * math.log(0.3 / 0.5) + 0.2 * math.log(0.2 / 0.3)
-    g_rkl = [pk * (math.log(qk) - math.log(pk) + kl) for pk, qk in zip([0.5, 0.3, 0.2], [0.2, 0.5, 0.3])]
+    g_rkl = [pk * (math.log(qk) - math.log(pk) + kl) for pk, qk in zip([0.5, 0.3, 0.2], [0.2, 0.5, 0.3], strict=True)]
     ideal = [-0.2, 0.18, 0.02]
-    want = sum(a * b for a, b in zip(ideal, g_rkl)) / (math.hypot(*ideal) * math.hypot(*g_rkl))
+    want = sum(a * b for a, b in zip(ideal, g_rkl, strict=True)) / (math.hypot(*ideal) * math.hypot(*g_rkl))
     assert out["align"]["rkl"] == pytest.approx(want, abs=1e-12)
     # sampled token y = index 0: A = log(0.2 / 0.5) < 0, g = A (e_0 - p) = A (0.5, -0.3, -0.2)
     e = [0.5, -0.3, -0.2]
-    want_tok = -sum(a * b for a, b in zip(ideal, e)) / (math.hypot(*ideal) * math.hypot(*e))
+    want_tok = -sum(a * b for a, b in zip(ideal, e, strict=True)) / (math.hypot(*ideal) * math.hypot(*e))
     assert out["align"]["sampled"] == pytest.approx(want_tok, abs=1e-12)
 
 
