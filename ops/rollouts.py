@@ -2,8 +2,7 @@
 
 A node's targeted rollouts are |K| x C continuations of the same prefix: the prefix is run once, its cache
 repeated across the rows, and every row decodes from there. Question rollouts work the same way from the
-prompt. No padding is needed: every row shares the prefix, and rows that have stopped keep decoding until
-all have (their extra tokens are dropped).
+prompt. No padding is needed: every row shares the prefix; a row that emits a stop token leaves the batch.
 """
 
 from __future__ import annotations
@@ -46,22 +45,23 @@ def continue_rows(model: Any, prefix: list[LayerKV], length: int, first: torch.T
     and decodes up to `max_new` tokens in all, stopping after a stop token (kept). first: (B,)."""
     rows = first.shape[0]
     kv = [(k[:, :, :length].repeat(rows, 1, 1, 1), v[:, :, :length].repeat(rows, 1, 1, 1)) for k, v in prefix]
-    cache = build_cache(kv)
-    tokens = [first]  # list of (B,)
-    done = torch.tensor([t in stop_ids for t in first.tolist()], device=first.device)
     stops = torch.tensor(sorted(stop_ids), device=first.device)
+    out_rows: list[list[int]] = [[t] for t in first.tolist()]
+    active = torch.arange(rows, device=first.device)[~torch.isin(first, stops)]  # rows still decoding
+    last = first[active]  # (A,)
+    kv = [(k[active], v[active]) for k, v in kv]
     with torch.inference_mode():
-        while len(tokens) < max_new and not bool(done.all()):
-            out = model(input_ids=tokens[-1][:, None], use_cache=True, **cache_keyword(model, cache))
-            cache = returned_cache(out)
-            nxt = draw(out.logits[:, -1], temperature, generator)[:, 0]  # (B,)
-            tokens.append(nxt)
-            done = done | torch.isin(nxt, stops)
-    return [_cut(row, stop_ids) for row in torch.stack(tokens, 1).tolist()]
+        for _ in range(max_new - 1):
+            if active.numel() == 0:
+                break
+            out = model(input_ids=last[:, None], use_cache=True, **cache_keyword(model, build_cache(kv)))
+            kv = layer_kv(returned_cache(out))
+            last = draw(out.logits[:, -1], temperature, generator)[:, 0]  # (A,)
+            for i, t in zip(active.tolist(), last.tolist(), strict=True):
+                out_rows[i].append(t)
+            going = ~torch.isin(last, stops)
+            if not bool(going.all()):  # drop finished rows from the batch: the rest decode faster
+                active, last = active[going], last[going]
+                kv = [(k[going], v[going]) for k, v in kv]
+    return out_rows
 
-
-def _cut(row: list[int], stop_ids: set[int]) -> list[int]:
-    for i, t in enumerate(row):
-        if t in stop_ids:
-            return row[: i + 1]
-    return row
