@@ -7,7 +7,7 @@ OUT    ?= demo-out
 TORCH_CPU ?= torch==2.13.0
 export RECHANNEL_CACHE ?= $(HOME)/.cache/rechannel
 
-.PHONY: install test demo prune-table eval-table quant-table idp-table bench bench-route bench-kernels bench-eval lint clean
+.PHONY: install test demo prune-table eval-table quant-table idp-table align-demo bench bench-route bench-kernels bench-eval lint clean
 .SECONDARY:  # keep the pruned model directories: they are intermediate targets of the eval files
 
 install: $(VENV)/.installed
@@ -145,12 +145,37 @@ qword  = $(word $(1),$(subst -, ,$*))
 $(QUANT_RUNS:%=$(OUT)/%/config.json): $(OUT)/%/config.json: $(OUT)/stats.safetensors
 	$(RC) compress --method $(call qword,1) --bits $(call qword,2) --group-size $(if $(filter row,$(call qword,3)),-1,$(patsubst g%,%,$(call qword,3))) $(if $(filter gptq,$(call qword,1)),--stats $< --sequential) --device $(DEVICE) -o $(OUT)/$* > $(OUT)/$*.report.json
 
+# align: does a teacher's distillation gradient point where the student's chance of success rises, token by token?
+# GSM8K training questions on which the student sometimes succeeds (pass-rate filter on its own 8 rollouts):
+# the dense model taught by itself given the reference solution, then its GPTQ 4-bit version taught by the
+# dense model (with and without the reference) and by itself given the reference. CPU-sized defaults (~15 min);
+# on a GPU: make align-demo DEVICE=cuda ALIGN_LIMIT=500 ALIGN_QUESTIONS=50 ALIGN_BUDGET=64 ALIGN_CONT=8 ALIGN_TOKENS=256
+GSM8K_TRAIN     := $(DATA)/tasks/gsm8k/train.jsonl
+ALIGN_LIMIT     ?= 40
+ALIGN_QUESTIONS ?= 2
+ALIGN_BUDGET    ?= 10
+ALIGN_CONT      ?= 4
+ALIGN_TOKENS    ?= 128
+ALIGN_STUDENT   ?= gptq-4-g128
+ALIGN_ARGS       = --data $(GSM8K_TRAIN) --limit $(ALIGN_LIMIT) --select-pass-rate 0.1:0.9 \
+                   --max-questions $(ALIGN_QUESTIONS) --rollouts 8 --continuations $(ALIGN_CONT) --candidates 2 \
+                   --budget $(ALIGN_BUDGET) --max-new-tokens $(ALIGN_TOKENS) --device $(DEVICE)
+align-demo: install $(OUT)/$(ALIGN_STUDENT)/config.json
+	@echo "== align: dense student, teacher = itself with the reference solution"
+	$(RC) align $(ALIGN_ARGS) --context reference -o $(OUT)/align-dense.json \
+	    --nodes $(OUT)/align-dense.nodes.jsonl --plot $(OUT)/align-dense
+	@echo "== align: $(ALIGN_STUDENT) student, teachers = the dense model and itself, with or without the reference"
+	$(RC) align --student $(OUT)/$(ALIGN_STUDENT) --teacher smollm2-135m --teacher self --context none \
+	    --context reference $(ALIGN_ARGS) -o $(OUT)/align-$(ALIGN_STUDENT).json \
+	    --nodes $(OUT)/align-$(ALIGN_STUDENT).nodes.jsonl --plot $(OUT)/align-$(ALIGN_STUDENT)
+
 bench: bench-kernels bench-eval bench-route
 
 # The Triton kernels against the torch path: needs a CUDA GPU, skipped (with a note) without one
 bench-kernels: install
 	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
-	  $(BIN)/python tests/bench/prune.py --out bench-latest.md && $(BIN)/python tests/bench/quant.py --out bench-latest.md; \
+	  $(BIN)/python tests/bench/prune.py --out bench-latest.md && $(BIN)/python tests/bench/quant.py --out bench-latest.md && \
+	  $(BIN)/python tests/bench/vocab.py --out bench-latest.md; \
 	else echo "bench-kernels: no CUDA GPU here, kernel benchmarks skipped"; fi
 
 # IDP routing plus the chosen prompt's forward against one prompted forward (CPU or GPU)

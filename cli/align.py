@@ -117,14 +117,15 @@ def align_command(
     dtype: options.Dtype = "auto",
     trust_remote_code: options.TrustRemoteCode = False,
 ) -> None:
-    """Diagnose on-policy distillation per token: does each teacher's gradient point where the student's
-    chance of success rises? Node records go to stdout (or --nodes), the summary to -o, a table to stderr.
+    """Diagnose distillation per token: does a teacher's gradient point where the student's success rises?
+
+    Node records go to stdout (or --nodes), the summary to -o, a table to stderr.
 
     [bold]Examples[/bold]
 
       rechannel align --data gsm8k.jsonl --context reference -o summary.json > nodes.jsonl
-      rechannel align --student out/gptq-4 --teacher smollm2-135m --teacher self --context none \\
-          --context reference --data gsm8k.jsonl --select-pass-rate 0.1:0.9 --max-questions 20 -o s.json
+      rechannel align --student out/gptq-4 --teacher smollm2-135m --teacher self \\
+          --context none --context reference --data gsm8k.jsonl --select-pass-rate 0.1:0.9 -o s.json
       jq 'select(.kind == "node") | .teachers["self+reference"].align.rkl' nodes.jsonl
     """
     from rechannel.ops.align import AlignConfig
