@@ -7,7 +7,7 @@ OUT    ?= demo-out
 TORCH_CPU ?= torch==2.13.0
 export RECHANNEL_CACHE ?= $(HOME)/.cache/rechannel
 
-.PHONY: install test demo prune-table eval-table quant-table idp-table align-demo bench bench-route bench-kernels bench-eval lint clean
+.PHONY: install test demo prune-table eval-table quant-table idp-table align-demo align-dense align-compressed bench bench-route bench-kernels bench-eval lint clean
 .SECONDARY:  # keep the pruned model directories: they are intermediate targets of the eval files
 
 install: $(VENV)/.installed
@@ -49,8 +49,10 @@ demo: install
 	@$(MAKE) --no-print-directory quant-table QUANT_BITS=4 QUANT_GROUPS=g128
 	@$(MAKE) --no-print-directory eval-table
 	@$(MAKE) --no-print-directory idp-table IDP_MODELS=wanda-50 IDP_STEPS=$(DEMO_IDP_STEPS) IDP_BATCH=4 IDP_SEQLEN=64
+	@$(MAKE) --no-print-directory align-dense ALIGN_QUESTIONS=1 ALIGN_BUDGET=8
 
-# `make demo` runs the 50% rows (make prune-table adds 2:4) and a toy-sized IDP run, to stay under 20 minutes
+# `make demo` runs the 50% rows (make prune-table adds 2:4), a toy-sized IDP run and one align question, to stay
+# under 20 minutes
 DEMO_PRUNE     ?= magnitude-50 wanda-50 sparsegpt-50
 DEMO_IDP_STEPS ?= 20
 
@@ -147,23 +149,30 @@ $(QUANT_RUNS:%=$(OUT)/%/config.json): $(OUT)/%/config.json: $(OUT)/stats.safeten
 
 # align: does a teacher's distillation gradient point where the student's chance of success rises, token by token?
 # GSM8K training questions on which the student sometimes succeeds (pass-rate filter on its own 8 rollouts):
-# the dense model taught by itself given the reference solution, then its GPTQ 4-bit version taught by the
-# dense model (with and without the reference) and by itself given the reference. CPU-sized defaults (~15 min);
-# on a GPU: make align-demo DEVICE=cuda ALIGN_LIMIT=500 ALIGN_QUESTIONS=50 ALIGN_BUDGET=64 ALIGN_CONT=8 ALIGN_TOKENS=256
+# the dense model taught by itself given the reference solution, then its 8-bit version taught by the dense
+# model (with and without the reference) and by itself given the reference. The 4-bit GPTQ model solved none of
+# the first 21 questions in 168 rollouts, so it cannot be a student here (ALIGN_STUDENT=gptq-4-g128 to try).
+# CPU-sized defaults (~15 min); on a GPU:
+#   make align-demo DEVICE=cuda ALIGN_LIMIT=500 ALIGN_QUESTIONS=50 ALIGN_BUDGET=64 ALIGN_CONT=8 ALIGN_TOKENS=256
 GSM8K_TRAIN     := $(DATA)/tasks/gsm8k/train.jsonl
 ALIGN_LIMIT     ?= 40
 ALIGN_QUESTIONS ?= 2
 ALIGN_BUDGET    ?= 10
 ALIGN_CONT      ?= 4
 ALIGN_TOKENS    ?= 128
-ALIGN_STUDENT   ?= gptq-4-g128
+ALIGN_STUDENT   ?= rtn-8-g128
 ALIGN_ARGS       = --data $(GSM8K_TRAIN) --limit $(ALIGN_LIMIT) --select-pass-rate 0.1:0.9 \
                    --max-questions $(ALIGN_QUESTIONS) --rollouts 8 --continuations $(ALIGN_CONT) --candidates 2 \
                    --budget $(ALIGN_BUDGET) --max-new-tokens $(ALIGN_TOKENS) --device $(DEVICE)
-align-demo: install $(OUT)/$(ALIGN_STUDENT)/config.json
+align-demo: align-dense align-compressed
+
+align-dense: install
+	@mkdir -p $(OUT)
 	@echo "== align: dense student, teacher = itself with the reference solution"
 	$(RC) align $(ALIGN_ARGS) --context reference -o $(OUT)/align-dense.json \
 	    --nodes $(OUT)/align-dense.nodes.jsonl --plot $(OUT)/align-dense
+
+align-compressed: install $(OUT)/$(ALIGN_STUDENT)/config.json
 	@echo "== align: $(ALIGN_STUDENT) student, teachers = the dense model and itself, with or without the reference"
 	$(RC) align --student $(OUT)/$(ALIGN_STUDENT) --teacher smollm2-135m --teacher self --context none \
 	    --context reference $(ALIGN_ARGS) -o $(OUT)/align-$(ALIGN_STUDENT).json \

@@ -62,14 +62,25 @@ def depth_windows(length: int) -> list[range]:
 
 
 def choose_nodes(lengths: Sequence[int], budget: int, rng: random.Random) -> list[tuple[int, int, int]]:
-    """(rollout, position, window) triples: one random position per rollout and window, shallow windows
-    first, rollouts taken in turn, until `budget` nodes; the cost follows the budget, not the length."""
+    """(rollout, position, window) triples, at most one per rollout and window, until `budget` nodes.
+
+    Rollouts take turns; in round i rollout r takes its unused window nearest after (r + i) mod W_r, so one
+    round already spreads over every depth (rollouts share their first tokens' prefix: taking window 0 in all
+    of them would score the same node R times). The position inside a window is random. The cost follows
+    the budget, not the rollout length."""
     windows = [depth_windows(n) for n in lengths]
+    unused = [set(range(len(w))) for w in windows]
     chosen: list[tuple[int, int, int]] = []
-    for w in range(max((len(x) for x in windows), default=0)):
+    rnd = 0
+    while len(chosen) < budget and any(unused):
         for r, wins in enumerate(windows):
-            if w < len(wins) and len(chosen) < budget:
-                chosen.append((r, rng.choice(wins[w]), w))
+            if len(chosen) >= budget or not unused[r]:
+                continue
+            start = (r + rnd) % len(wins)
+            w = min(unused[r], key=lambda x: (x - start) % len(wins))
+            unused[r].remove(w)
+            chosen.append((r, rng.choice(wins[w]), w))
+        rnd += 1
     return sorted(chosen)
 
 

@@ -111,15 +111,19 @@ def test_depth_windows_grow_exponentially_and_cover_the_rollout():
     assert depth_windows(0) == []
 
 
-def test_nodes_follow_the_budget_shallow_windows_first():
+def test_nodes_follow_the_budget_and_spread_over_depths():
     rng = random.Random(0)
-    nodes = choose_nodes([300, 5, 40], budget=12, rng=rng)
-    assert len(nodes) == 12 and len(set(nodes)) == 12
-    windows = sorted(w for _, _, w in nodes)
-    assert windows[:3] == [0, 0, 0] and windows[3:6] == [1, 1, 1]  # every rollout gets window 0, then 1 ...
+    lengths = [300, 5, 40, 300]
+    nodes = choose_nodes(lengths, budget=6, rng=rng)
+    assert len(nodes) == 6 and len({(r, w) for r, _, w in nodes}) == 6  # one node per rollout and window
+    # round 0 gives rollout r window r (staggered depths); round 1 gives rollouts 0 and 1 their next window
+    assert sorted((r, w) for r, _, w in nodes) == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (3, 3)]
     for r, t, w in nodes:
-        assert t in depth_windows([300, 5, 40][r])[w]
-    assert len(choose_nodes([300, 5, 40], budget=1000, rng=rng)) == 9 + 3 + 6  # at most one per window
+        assert t in depth_windows(lengths[r])[w]
+    everything = choose_nodes(lengths, budget=1000, rng=rng)
+    assert len(everything) == 9 + 3 + 6 + 9  # at most one per window
+    assert {(r, w) for r, _, w in everything} == {(r, w) for r, n in enumerate(lengths)
+                                                  for w in range(len(depth_windows(n)))}
 
 
 def test_describe():
