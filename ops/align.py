@@ -61,27 +61,41 @@ def depth_windows(length: int) -> list[range]:
     return out
 
 
-def choose_nodes(lengths: Sequence[int], budget: int, rng: random.Random) -> list[tuple[int, int, int]]:
-    """(rollout, position, window) triples, at most one per rollout and window, until `budget` nodes.
+def choose_nodes(lengths: Sequence[int], budget: int, rng: random.Random,
+                 correct: Sequence[bool] | None = None) -> list[tuple[int, int, int]]:
+    """(rollout, position, window) triples, at most one per rollout and window, `budget` in all.
 
-    Rollouts take turns; in round i rollout r takes its unused window nearest after (r + i) mod W_r, so one
-    round already spreads over every depth (rollouts share their first tokens' prefix: taking window 0 in all
-    of them would score the same node R times). The position inside a window is random. The cost follows
-    the budget, not the rollout length."""
+    The budget is shared equally between correct and incorrect rollouts (the comparison the diagnosis is
+    for: 1 correct rollout in 8 would otherwise get an eighth of the nodes), then equally between the
+    rollouts of each class. A rollout given k of its W windows takes k evenly spaced ones, shifted by its
+    index in its class so that rollouts, which share their first tokens, do not all score the same shallow prefix. The
+    position inside a window is random. The cost follows the budget, not the rollout length."""
     windows = [depth_windows(n) for n in lengths]
-    unused = [set(range(len(w))) for w in windows]
+    correct = list(correct) if correct is not None else [False] * len(lengths)
+    classes = [[r for r in range(len(lengths)) if correct[r] is c] for c in (True, False)]
+    room = [sum(len(windows[r]) for r in cls) for cls in classes]
+    share = _split(budget, room)
     chosen: list[tuple[int, int, int]] = []
-    rnd = 0
-    while len(chosen) < budget and any(unused):
-        for r, wins in enumerate(windows):
-            if len(chosen) >= budget or not unused[r]:
-                continue
-            start = (r + rnd) % len(wins)
-            w = min(unused[r], key=lambda x: (x - start) % len(wins))
-            unused[r].remove(w)
-            chosen.append((r, rng.choice(wins[w]), w))
-        rnd += 1
+    for cls, n in zip(classes, share, strict=True):
+        counts = _split(n, [len(windows[r]) for r in cls])
+        for i, (r, k) in enumerate(zip(cls, counts, strict=True)):
+            w_count = len(windows[r])
+            for w in sorted({(round(j * w_count / k) + i) % w_count for j in range(k)}):
+                chosen.append((r, rng.choice(windows[r][w]), w))
     return sorted(chosen)
+
+
+def _split(total: int, caps: Sequence[int]) -> list[int]:
+    """`total` shared as equally as possible among slots with capacities `caps` (what one cannot take, the
+    others do)."""
+    out = [0] * len(caps)
+    left = min(total, sum(caps))
+    while left:
+        open_slots = [i for i, c in enumerate(caps) if out[i] < c]
+        for i in open_slots[:left]:
+            out[i] += 1
+        left -= min(left, len(open_slots))
+    return out
 
 
 def extend(model: Any, kv: list[LayerKV], length: int, ids: Sequence[int]) -> tuple[torch.Tensor, list[LayerKV]]:
@@ -143,7 +157,8 @@ class Diagnosis:
         lo, hi = cfg.pass_rate or (0.0, 1.0)
         if not lo <= rate <= hi:
             return {**head, "selected": False, "nodes": 0}, []
-        nodes = choose_nodes([len(r) for r in rollouts], cfg.budget, random.Random(cfg.seed * 1_000_003 + q.index))
+        nodes = choose_nodes([len(r) for r in rollouts], cfg.budget, random.Random(cfg.seed * 1_000_003 + q.index),
+                             correct)
         records = list(self._nodes(q, prompt, state, rollouts, correct, nodes, gen, on_node))
         return {**head, "selected": True, "nodes": len(records)}, records
 

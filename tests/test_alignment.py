@@ -115,15 +115,21 @@ def test_nodes_follow_the_budget_and_spread_over_depths():
     rng = random.Random(0)
     lengths = [300, 5, 40, 300]
     nodes = choose_nodes(lengths, budget=6, rng=rng)
-    assert len(nodes) == 6 and len({(r, w) for r, _, w in nodes}) == 6  # one node per rollout and window
-    # round 0 gives rollout r window r (staggered depths); round 1 gives rollouts 0 and 1 their next window
-    assert sorted((r, w) for r, _, w in nodes) == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (3, 3)]
+    # budget 6 over 4 rollouts: 2, 2, 1, 1 windows, evenly spaced and shifted by the rollout's index
+    assert sorted((r, w) for r, _, w in nodes) == [(0, 0), (0, 4), (1, 0), (1, 1), (2, 2), (3, 3)]
     for r, t, w in nodes:
         assert t in depth_windows(lengths[r])[w]
     everything = choose_nodes(lengths, budget=1000, rng=rng)
-    assert len(everything) == 9 + 3 + 6 + 9  # at most one per window
     assert {(r, w) for r, _, w in everything} == {(r, w) for r, n in enumerate(lengths)
-                                                  for w in range(len(depth_windows(n)))}
+                                                  for w in range(len(depth_windows(n)))}  # one per window
+
+
+def test_nodes_are_shared_equally_between_correct_and_incorrect_rollouts():
+    correct = [False, False, True, False, False, False, False, False]
+    nodes = choose_nodes([100] * 8, budget=10, rng=random.Random(1), correct=correct)
+    on_correct = sorted(w for r, _, w in nodes if correct[r])
+    assert len(nodes) == 10 and on_correct == [0, 1, 3, 4, 6]  # 5 of its 7 windows, spread to the deepest
+    assert sorted((r, w) for r, _, w in nodes if not correct[r]) == [(0, 0), (1, 1), (3, 2), (4, 3), (5, 4)]
 
 
 def test_describe():
