@@ -64,8 +64,12 @@ def alignment_figures(directory: str, nodes: list[dict], teachers: list[str], gr
             ax.plot([p for p, _ in pts], [v for _, v in pts], "-o", markersize=3, alpha=0.6,
                     color="tab:green" if correct else "tab:red")
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xscale("symlog")
-        ax.set(title=f"{t}: {gradient} alignment along rollouts", xlabel="position in rollout",
+        ax.set_xscale("symlog", linthresh=1)  # the node windows double in depth
+        ax.set_xlim(left=-0.5)
+        ax.plot([], [], color="tab:red", label="incorrect rollouts")
+        ax.plot([], [], color="tab:green", label="correct rollouts")
+        ax.legend(fontsize=8)
+        ax.set(title=f"{t}: {gradient} alignment along rollouts", xlabel="position in rollout (symlog)",
                ylabel="cosine with g_ideal", ylim=(-1.05, 1.05))
     _save(fig, plt, Path(directory) / "alignment-along-rollouts.png", atomic_path)
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)

@@ -44,3 +44,23 @@ def test_second_load_reuses_the_cache_and_paris_is_the_top_token(prepared, monke
         top = lm.model(ids).logits[0, -1].argmax().item()
     assert lm.tokenizer.decode([top]) == " Paris"
     assert lm.fingerprint == models.load_model(path, device="cpu").fingerprint  # alias and path agree
+
+
+@pytest.mark.slow
+def test_align_runs_on_the_real_model_with_its_chat_template(prepared, tmp_path):
+    cache, path = prepared
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"id": "add", "question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    r = run_cli("align", "--student", path, "--data", str(q), "--rollouts", "2", "--continuations", "2",
+                "--candidates", "1", "--budget", "2", "--max-new-tokens", "12", "-o", str(tmp_path / "s.json"),
+                "--device", "cpu", env={"RECHANNEL_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr.decode()
+    records = [json.loads(line) for line in r.stdout.decode().splitlines()]
+    head = records[-1]
+    assert head["kind"] == "question" and head["prompt_tokens"] > 20  # the chat template wraps the question
+    nodes = records[:-1]
+    assert len(nodes) == 2 and all(n["K"][0]["token"] == n["token"] for n in nodes)
+    for n in nodes:
+        t = n["teachers"]["self+reference"]
+        assert 0 < n["K"][0]["p"] <= 1 and t["kl"] >= 0 and 0 <= t["js"] <= 0.7
+    assert json.loads((tmp_path / "s.json").read_text())["nodes"] == 2
