@@ -40,8 +40,12 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
 
 
 def value_and_ideal(p: torch.Tensor, s: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """V = Σ p S and g_ideal = p ⊙ (S − V) for a distribution p on K (already renormalised)."""
+    """V = Σ p S and g_ideal = p ⊙ (S − V) for a distribution p on K (already renormalised). When every S_k
+    is the same, g_ideal is exactly zero (V computed in floating point would leave rounding noise in S − V,
+    and a cosine with noise is not an alignment)."""
     v = float((p * s).sum())
+    if bool(s.max() == s.min()):
+        return float(s[0]), torch.zeros_like(p)
     return v, p * (s - v)
 
 
@@ -76,8 +80,8 @@ def over_vocabulary(c: Candidates, lq: torch.Tensor, stats: torch.Tensor, beta: 
     """Cosines of g_ideal (on K) with the full-vocabulary gradients, whose norms come from vocab_stats."""
     st = stats.double()
     p = c.lp.exp()  # (K,) unnormalised: the mass outside K is part of the full-vocabulary gradients
-    v, _ = value_and_ideal(p / p.sum(), c.s)
-    ideal = p * (c.s - v)  # (K,) nonzero entries of the full-vocabulary g_ideal
+    v, flat = value_and_ideal(p / p.sum(), c.s)
+    ideal = p * (c.s - v) if flat.any() else flat  # (K,) nonzero entries of the full-vocabulary g_ideal
     a_rkl = (lq - c.lp) - (lq[0] - c.lp[0]) - st[COL["b_rkl"]]  # a_k − ā, centred through y
     lm = torch.logaddexp(c.lp + math.log(beta), lq + math.log1p(-beta))
     a_jsd = (c.lp - lm) - (c.lp[0] - lm[0]) - st[COL["b_jsd"]]

@@ -58,7 +58,7 @@ def _independent(node: dict, teacher: str, beta: float = 0.5) -> tuple[dict, flo
     p = [x / sum(p) for x in p]
     q = [x / sum(q) for x in q]
     v = sum(a * b for a, b in zip(p, s, strict=True))
-    ideal = [a * (b - v) for a, b in zip(p, s, strict=True)]
+    ideal = [a * (b - v) for a, b in zip(p, s, strict=True)] if len(set(s)) > 1 else [0.0] * len(p)  # S flat: 0
     kl = sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
     m = [beta * a + (1 - beta) * b for a, b in zip(p, q, strict=True)]
     kl_m = sum(a * math.log(a / b) for a, b in zip(p, m, strict=True))

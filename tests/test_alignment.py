@@ -47,6 +47,9 @@ def test_equal_success_or_teacher_equal_to_student_is_undefined():
     p = torch.tensor([0.6, 0.4], dtype=torch.float64)
     flat = on_candidates(p, torch.tensor([0.1, 0.9], dtype=torch.float64), torch.tensor([1.0, 1.0]).double(), BETA)
     assert all(v is None for v in flat["align"].values())
+    p2 = torch.tensor([0.1, 0.3], dtype=torch.float64)  # renormalised, Σ p S = 0.49999999999999994, not 0.5
+    noisy = on_candidates(p2, p2.flip(0), torch.full((2,), 0.5, dtype=torch.float64), BETA)
+    assert all(v is None for v in noisy["align"].values())
     same = on_candidates(p, p.clone(), torch.tensor([0.0, 1.0]).double(), BETA)
     assert same["align"]["fkl"] is None and same["align"]["rkl"] is None and same["advantage"] == 0.0
 
