@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rechannel.ops.alignment import Candidates, on_candidates, over_vocabulary
+from rechannel.ops.alignment import Candidates, on_candidates, over_vocabulary, value_and_ideal
 from rechannel.ops.kvcache import LayerKV, build_cache, cache_keyword, layer_kv, returned_cache
 from rechannel.ops.rollouts import continue_rows, draw
 from rechannel.ops.verifiers import Verifier
@@ -199,32 +199,38 @@ class Diagnosis:
         return ok.view(len(cands), c).mean(1)  # (|K|,)
 
     def _node(self, q, r, rollout, correct, t, w, kv, n_prompt, zp, teach, gen) -> dict:
+        """One node's record: K, S, and per teacher the quantities of ops/alignment.py."""
         y = rollout[t]
         cands = self._candidates(y, zp, [zq for _, zq, _ in teach])
         s = self._success(kv, n_prompt, rollout, t, cands, gen, q.record)
-        idx = torch.tensor(cands, device=zp.device)
-        zp64 = zp.double()
-        first_stats = teach[0][2].double() if teach else None
-        lnorm_p = first_stats[COL["lnorm_p"]] if first_stats is not None else torch.logsumexp(zp64, 0) - zp64[y]
-        lp = ((zp64[idx] - zp64[y]) - lnorm_p).cpu()  # (K,) full-vocabulary log p, exact near p_y = 1
+        stats = teach[0][2] if teach else vocab_stats(zp[None], zp[None], torch.tensor([y], device=zp.device))[0]
+        lp = candidate_logs(zp, cands, stats[COL["lnorm_p"]])  # (K,)
         p = lp.exp()
-        v = float((p / p.sum() * s).sum())
+        v, _ = value_and_ideal(p / p.sum(), s)
         rec = {"kind": "node", "question": q.qid, "rollout": r, "correct": correct, "position": t, "window": w,
                "token": y, "text": self.text([y]), "V": v, "p_mass": float(p.sum()),
-               "K": [{"token": k, "text": self.text([k]), "p": float(p[i]), "S": float(s[i])}
+               "K": [{"token": k, "text": self.text([k]), "p": float(p[i]), "S": float(s[i]), "q": {}}
                      for i, k in enumerate(cands)],
-               "continuations": self.cfg.continuations, "teachers": {}}
+               "continuations": self.cfg.continuations, "teachers": {},
+               "entropy": float(stats[COL["entropy_p"]])}
         for name, zq, st in teach:
-            zq64 = zq.double()
-            lq = ((zq64[idx] - zq64[y]) - st.double()[COL["lnorm_q"]]).cpu()
-            for i, item in enumerate(rec["K"]):
-                item.setdefault("q", {})[name] = float(lq[i].exp())
-            k_side = on_candidates(p, lq.exp(), s, self.cfg.beta)
-            rec["teachers"][name] = {
-                **k_side, "align_vocab": over_vocabulary(Candidates(cands, lp, s), lq, st.cpu(), self.cfg.beta),
-                "kl": float(st[COL["kl_pq"]]), "js": float(self.cfg.beta * st[COL["kl_pm"]]
-                                                          + (1 - self.cfg.beta) * st[COL["kl_qm"]]),
-                "q_mass": float(lq.exp().sum()),
-            }
-        rec["entropy"] = float(first_stats[COL["entropy_p"]]) if first_stats is not None else None
+            lq = candidate_logs(zq, cands, st[COL["lnorm_q"]])
+            for item, q_k in zip(rec["K"], lq.exp().tolist(), strict=True):
+                item["q"][name] = q_k
+            rec["teachers"][name] = self._teacher_entry(Candidates(cands, lp, s), lq, st)
         return rec
+
+    def _teacher_entry(self, c: Candidates, lq: torch.Tensor, st: torch.Tensor) -> dict:
+        beta = self.cfg.beta
+        return {**on_candidates(c.lp.exp(), lq.exp(), c.s, beta),
+                "align_vocab": over_vocabulary(c, lq, st.cpu(), beta),
+                "kl": float(st[COL["kl_pq"]]), "js": float(beta * st[COL["kl_pm"]] + (1 - beta) * st[COL["kl_qm"]]),
+                "q_mass": float(lq.exp().sum())}
+
+
+def candidate_logs(z: torch.Tensor, cands: list[int], lnorm: torch.Tensor) -> torch.Tensor:
+    """(V,) logits -> (K,) float64 full-vocabulary log-probabilities of the candidates (index 0 is the
+    observed token y), as (z_k - z_y) - lnorm with lnorm = lse(z) - z_y from vocab_stats: exact near p_y = 1."""
+    z64 = z.double()
+    idx = torch.tensor(cands, device=z.device)
+    return ((z64[idx] - z64[cands[0]]) - lnorm.double()).cpu()
