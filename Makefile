@@ -152,7 +152,7 @@ $(QUANT_RUNS:%=$(OUT)/%/config.json): $(OUT)/%/config.json: $(OUT)/stats.safeten
 # the dense model taught by itself given the reference solution, then its 8-bit version taught by the dense
 # model (with and without the reference) and by itself given the reference. The 4-bit GPTQ model solved none of
 # the first 21 questions in 168 rollouts, so it cannot be a student here (ALIGN_STUDENT=gptq-4-g128 to try).
-# CPU-sized defaults (~15 min); on a GPU:
+# CPU-sized defaults (~14 min); on a GPU:
 #   make align-demo DEVICE=cuda ALIGN_LIMIT=500 ALIGN_QUESTIONS=50 ALIGN_BUDGET=64 ALIGN_CONT=8 ALIGN_TOKENS=256
 GSM8K_TRAIN     := $(DATA)/tasks/gsm8k/train.jsonl
 ALIGN_LIMIT     ?= 40
