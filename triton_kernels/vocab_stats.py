@@ -1,7 +1,7 @@
 """Per-token vocabulary statistics in one program per token, streaming over vocabulary chunks.
 
 Twin of rechannel.ops.vocab_stats.vocab_stats_torch (same COLUMNS, float32). Pass 1 is an online softmax
-over both logit rows (running max and rescaled sum), pass 2 the sums that need the log-normalisers, pass 3
+over both logit rows (running max and rescaled sum per lane, lanes combined at the end), pass 2 the sums that need the log-normalisers, pass 3
 the norms centred through the observed token (see ops/vocab_stats.py for why). Nothing of size
 [tokens, vocab] is written; logits are read in their own dtype and upcast per chunk.
 """
@@ -33,6 +33,12 @@ def _log1p(u):
 
 
 @triton.jit
+def _exp_diff(a, b):
+    """exp(a - b), and 0 where a is -inf (a lane that has seen no token yet: -inf - -inf would be nan)."""
+    return tl.where(a == -float("inf"), 0.0, tl.exp(a - b))
+
+
+@triton.jit
 def _softplus(x):
     return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
 
@@ -56,25 +62,29 @@ def _vocab_stats_kernel(zp_ptr, zq_ptr, y_ptr, out_ptr, v, stride_p, stride_q, l
     y = tl.load(y_ptr + t)
     zp_y = tl.load(zp_ptr + row_p + y).to(tl.float32)
     zq_y = tl.load(zq_ptr + row_q + y).to(tl.float32)
-    # pass 1: online softmax over the tokens other than y, for both rows
-    m_p = -float("inf")
-    m_q = -float("inf")
-    s_p = 0.0
-    s_q = 0.0
+    # pass 1: online softmax over the tokens other than y, for both rows, lane by lane (vectors carried
+    # through the loop, reduced once at the end)
+    m_p = tl.full((BLOCK,), -float("inf"), tl.float32)
+    m_q = tl.full((BLOCK,), -float("inf"), tl.float32)
+    s_p = tl.zeros((BLOCK,), tl.float32)
+    s_q = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, v, BLOCK):
         cols = start + offs
-        valid = cols < v
-        zp = tl.load(zp_ptr + row_p + cols, mask=valid, other=-float("inf")).to(tl.float32)
-        zq = tl.load(zq_ptr + row_q + cols, mask=valid, other=-float("inf")).to(tl.float32)
-        mp_new = tl.maximum(m_p, tl.max(zp, axis=0))
-        mq_new = tl.maximum(m_q, tl.max(zq, axis=0))
-        other = valid & (cols != y)
-        s_p = s_p * tl.exp(m_p - mp_new) + tl.sum(tl.where(other, tl.exp(zp - mp_new), 0.0), axis=0)
-        s_q = s_q * tl.exp(m_q - mq_new) + tl.sum(tl.where(other, tl.exp(zq - mq_new), 0.0), axis=0)
+        other = (cols < v) & (cols != y)
+        zp = tl.load(zp_ptr + row_p + cols, mask=other, other=-float("inf")).to(tl.float32)
+        zq = tl.load(zq_ptr + row_q + cols, mask=other, other=-float("inf")).to(tl.float32)
+        mp_new = tl.maximum(m_p, zp)
+        mq_new = tl.maximum(m_q, zq)
+        s_p = s_p * _exp_diff(m_p, mp_new) + _exp_diff(zp, mp_new)
+        s_q = s_q * _exp_diff(m_q, mq_new) + _exp_diff(zq, mq_new)
         m_p = mp_new
         m_q = mq_new
-    sp_p = _softplus(tl.log(s_p) + m_p - zp_y)  # lse - z_y, exact when p_y is near 1 (see ops/vocab_stats.py)
-    sp_q = _softplus(tl.log(s_q) + m_q - zq_y)
+    mp_all = tl.max(m_p, axis=0)
+    mq_all = tl.max(m_q, axis=0)
+    s_p_all = tl.sum(s_p * _exp_diff(m_p, mp_all), axis=0)
+    s_q_all = tl.sum(s_q * _exp_diff(m_q, mq_all), axis=0)
+    sp_p = _softplus(tl.log(s_p_all) + mp_all - zp_y)  # lse - z_y, exact when p_y is near 1 (ops/vocab_stats.py)
+    sp_q = _softplus(tl.log(s_q_all) + mq_all - zq_y)
     lp_y = -sp_p
     lq_y = -sp_q
     a_rkl_y = lq_y - lp_y
