@@ -93,6 +93,8 @@ def align_command(
                                                       "reference or template:FILE (repeatable; default reference)."
                                                       )] = None,
     field: Annotated[str, typer.Option(help="The record field holding the question.")] = "question",
+    prompt: Annotated[str, typer.Option(help="What the student sees: none (the question field) or "
+                                        "template:FILE ({field} placeholders filled from the record).")] = "none",
     id_field: Annotated[str, typer.Option(help="The record field naming the question (else its index).")] = "id",
     verifier: Annotated[str, typer.Option(help="gsm8k, mc, exact or regex:PATTERN (reads the 'answer' field).")
                         ] = "gsm8k",
@@ -129,7 +131,7 @@ def align_command(
       jq 'select(.kind == "node") | .teachers["self+reference"].align.rkl' nodes.jsonl
     """
     from rechannel.ops.align import AlignConfig
-    from rechannel.ops.contexts import get_context
+    from rechannel.ops.contexts import Context, get_context, student_view
     from rechannel.ops.verifiers import get_verifier
 
     if budget < 1:
@@ -139,15 +141,16 @@ def align_command(
     cfg = AlignConfig(rollouts, continuations, candidates, budget, temperature, max_new_tokens, seed, beta,
                       _pass_rate(select_pass_rate))
     check = get_verifier(verifier)
-    contexts = [get_context(c, field) for c in (context or ["reference"])]
+    view = student_view(prompt, field)
+    contexts = [get_context(c, view) for c in (context or ["reference"])]
     questions = _questions(data, field, id_field, check, limit)
-    _check_fields(contexts, questions)
+    _check_fields([Context("--prompt", view), *contexts], questions)
     old_q, old_nodes = _previous(nodes, resume)
     lm = options.load(student, device, dtype, trust_remote_code)
     scorers = _scorers(lm, teacher or [SELF], contexts,
                        lambda spec: options.load_teacher(spec, lm, device, dtype, trust_remote_code))
     from rechannel.cli.align_run import run
 
-    run(lm, scorers, check, cfg, questions, old_q, old_nodes, nodes, output, max_questions, plot,
-        {"student": student, "teachers": [s.name for s in scorers], "verifier": verifier, "data": data,
-         "field": field, **cfg.__dict__})
+    run(lm, Context("none", view), scorers, check, cfg, questions, old_q, old_nodes, nodes, output, max_questions,
+        plot, {"student": student, "teachers": [s.name for s in scorers], "verifier": verifier, "data": data,
+               "field": field, "prompt": prompt, **cfg.__dict__})

@@ -30,18 +30,17 @@ class QuestionWriter:
             self._out.close()
 
 
-def run(lm: Any, scorers: list[Any], verifier: Any, cfg: Any, questions: list[Any], old_q: list[dict],
+def run(lm: Any, view: Any, scorers: list[Any], verifier: Any, cfg: Any, questions: list[Any], old_q: list[dict],
         old_nodes: list[dict], nodes_path: str, output: str, max_questions: int | None, plot: str | None,
         config: dict[str, Any]) -> None:
     from rechannel.ops.align import Diagnosis, Scorer
     from rechannel.ops.align_summary import summarise
-    from rechannel.ops.contexts import get_context, prompt_ids
+    from rechannel.ops.contexts import prompt_ids
 
     done = {q["question"] for q in old_q}
     analysed = sum(q["selected"] for q in old_q)
     student_prompt = prompt_ids(lm.tokenizer)
-    ctx = get_context("none", config.get("field", "question"))
-    student = Scorer("student", lm.model, lambda rec: student_prompt(ctx.render(rec)))
+    student = Scorer("student", lm.model, lambda rec: student_prompt(view.render(rec)))
     diag = Diagnosis(student, lm.tokenizer, scorers, verifier, cfg, _stop_ids(lm))
     all_q, all_nodes = list(old_q), list(old_nodes)
     writer = QuestionWriter(nodes_path, append=bool(old_q))

@@ -1,8 +1,9 @@
 """What a model is shown before the rollout: the student sees the question; a teacher may see more.
 
-A context is `none` (the question alone, as the student sees it), `reference` (the question and the record's
-reference solution: the privileged-information teacher) or `template:FILE` (a text file whose `{field}`
-placeholders are filled from the record). The text becomes the user turn of the tokenizer's chat template
+The student sees the record's question field, or a `template:FILE` over the record's fields (`--prompt`). A
+teacher's context is `none` (what the student sees), `reference` (that, then the record's reference solution:
+the privileged-information teacher) or `template:FILE` (a text file whose `{field}` placeholders are filled
+from the record). The text becomes the user turn of the tokenizer's chat template
 when it has one, so that a teacher scores the student's own tokens after an assistant header.
 """
 
@@ -31,22 +32,38 @@ class Context:
         return self.template.format_map({k: str(v) for k, v in record.items()})
 
 
-def get_context(spec: str, question_field: str) -> Context:
+def read_template(spec: str) -> str:
+    """The text of `template:FILE`, checked to be a str.format template."""
+    path = Path(spec[len("template:"):])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{spec}: cannot read {path} ({e.strerror})") from None
+    try:
+        Context(spec, text).fields()
+    except ValueError as e:
+        raise UserError(f"{spec}: not a template ({e})") from None
+    return text
+
+
+def student_view(spec: str, question_field: str) -> str:
+    """The template of what the student sees: `none` (the question field alone) or `template:FILE`."""
     if spec == "none":
-        return Context(spec, "{" + question_field + "}")
-    if spec == "reference":
-        return Context(spec, REFERENCE.replace("{question}", "{" + question_field + "}"))
+        return "{" + question_field + "}"
     if spec.startswith("template:"):
-        path = Path(spec[len("template:"):])
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"--context {spec}: cannot read {path} ({e.strerror})") from None
-        try:
-            Context(spec, text).fields()
-        except ValueError as e:
-            raise UserError(f"--context {spec}: not a template ({e})") from None
-        return Context(spec, text)
+        return read_template(spec)
+    raise unknown_choice("prompt", spec, ["none", "template:FILE"])
+
+
+def get_context(spec: str, view: str) -> Context:
+    """A teacher's context around the student's view (a template): none is the view itself, reference adds the
+    record's reference solution after it, template:FILE replaces it."""
+    if spec == "none":
+        return Context(spec, view)
+    if spec == "reference":
+        return Context(spec, REFERENCE.replace("{question}", view))
+    if spec.startswith("template:"):
+        return Context(spec, read_template(spec))
     raise unknown_choice("context", spec, ["none", "reference", "template:FILE"])
 
 

@@ -209,3 +209,18 @@ def test_monte_carlo_success_converges_to_enumeration():
     assert len({round(e, 3) for e in exact}) > 2  # the forced token matters
     for got, want in zip(s.tolist(), exact, strict=True):
         assert abs(got - want) <= 4 * math.sqrt(want * (1 - want) / 3000) + 1e-9, (s.tolist(), exact)
+
+
+def test_student_prompt_template_is_what_student_and_none_teacher_see(tiny_model, questions, tmp_path, full_run):
+    template = tmp_path / "student.txt"
+    template.write_text("Solve this, number {extra}.\n{question}\nAnswer with one vowel:")
+    r = _align(tiny_model, questions, tmp_path / "s.json", "--prompt", f"template:{template}", "--budget", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    heads = [x for x in _records(r.stdout) if x["kind"] == "question"]
+    plain = [x for x in full_run[1] if x["kind"] == "question"]
+    assert all(h["prompt_tokens"] > p["prompt_tokens"] for h, p in zip(heads, plain, strict=True))
+    assert json.loads((tmp_path / "s.json").read_text())["config"]["prompt"] == f"template:{template}"
+    template.write_text("{question} {nothere}")
+    bad = _align(tiny_model, questions, tmp_path / "t.json", "--prompt", f"template:{template}")
+    assert bad.returncode == 1 and "needs the field 'nothere'" in bad.stderr.decode()
+    assert not (tmp_path / "t.json").exists()
