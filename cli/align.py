@@ -59,6 +59,8 @@ def _scorers(student: Any, teachers: list[str], contexts: list[Any], load: Any) 
             if spec == SELF and ctx.name == "none":
                 continue
             name = f"{spec if spec == SELF else Path(spec).name}+{ctx.name.split('/')[-1]}"
+            if any(s.name == name for s in out):  # two teachers whose directories share a name
+                name = f"{spec}+{ctx.name}"
             out.append(Scorer(name, lm.model, lambda rec, c=ctx, f=ids: f(c.render(rec))))
     if not out:
         raise UserError("no teacher: the student with no context is the student itself; add --context reference "
@@ -134,6 +136,9 @@ def align_command(
     from rechannel.ops.contexts import Context, get_context, student_view
     from rechannel.ops.verifiers import get_verifier
 
+    if output == "-" and nodes == "-":
+        raise UserError("the node records already go to stdout: write the summary to a file (-o FILE) or the "
+                        "records elsewhere (--nodes FILE)")
     if budget < 1:
         raise UserError(f"--budget {budget}: at least one node per question")
     if not 0.0 < beta < 1.0:

@@ -159,6 +159,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model, questions, tmp_pat
         (_align(tiny_model, questions, tmp_path / "o.json", "--verifier", "gsm9k"), "did you mean"),
         (_align(tiny_model, questions, tmp_path / "o.json", "--context", "none"), "no teacher"),
         (_align(tiny_model, questions, tmp_path / "o.json", "--resume"), "--resume needs --nodes FILE"),
+        (run_cli("align", "--student", str(tiny_model), "--data", str(questions), "-o", "-"), "already go to stdout"),
     ]
     for r, message in cases:
         err = r.stderr.decode()
