@@ -355,9 +355,9 @@ def _rtn_pack_kernel(w_ptr, p_ptr, s_ptr, z_ptr, rows, cols, groups, row_bytes, 
         k_in = k < cols
         inside = n_in[:, None] & k_in[None, :]
         w = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=inside, other=0.0).to(tl.float32)
-        g = k // group_width
-        s = tl.load(s_ptr + n[:, None] * stride_s + g[None, :], mask=inside, other=1.0).to(tl.float32)
-        z = tl.load(z_ptr + n[:, None] * stride_z + g[None, :], mask=inside, other=0).to(tl.float32)
+        group = k // group_width  # (a new name: `g`, pass 1's loop index, would be carried into this loop)
+        s = tl.load(s_ptr + n[:, None] * stride_s + group[None, :], mask=inside, other=1.0).to(tl.float32)
+        z = tl.load(z_ptr + n[:, None] * stride_z + group[None, :], mask=inside, other=0).to(tl.float32)
         q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(w, s)) + z, 0.0), (1 << BITS) - 1.0)
         q = tl.where(inside, q, 0.0).to(tl.int32)  # padding bits are zero
         _store_packed(p_ptr + n[:, None] * stride_p, n_in, row_bytes, c0, q, BITS, BLOCK_R, BLOCK_C)

@@ -1,0 +1,79 @@
+"""Every Triton kernel compiles to a cubin for Hopper (sm_90) and Ampere (sm_80), on this machine without a GPU.
+
+The interpreter checks the kernels' arithmetic; this checks that Triton's compiler and ptxas accept them,
+specialised as the wrappers launch them (tests/kernel_compile.py). A kernel the interpreter runs but the
+compiler rejects (a loop-carried variable whose type changes, say) fails here instead of on a GPU.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia.compiler")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "kernel_compile.py"
+ARCHES = (90, 80)
+
+
+def jit_kernels() -> set[str]:
+    """Names of the @triton.jit functions named *_kernel in triton_kernels/ (the launchable ones)."""
+    names = set()
+    for path in (ROOT / "triton_kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
+                    ast.unparse(d).startswith("triton.jit") for d in node.decorator_list):
+                names.add(node.name)
+    return names
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))  # compile for real, not from a cache
+    args = [arg for arch in ARCHES for arg in ("--arch", str(arch))]
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr.decode()[-4000:]
+    return [orjson.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_every_kernel_compiles_for_each_arch(compiled):
+    kernels = jit_kernels()
+    assert {"_vocab_stats_kernel", "_matmul_kernel", "_rtn_pack_kernel", "_obs_block_kernel"} <= kernels
+    for arch in ARCHES:
+        assert {r["kernel"] for r in compiled if r["arch"] == arch} == kernels, arch
+    for record in compiled:
+        assert record["cubin_bytes"] > 0 and 0 < record["registers"] <= 255, record
+
+
+def test_launch_variants_are_covered(compiled):
+    """The variants a GPU run reaches: each activation dtype, bit width and autotuned tile of the matmul."""
+    from rechannel.triton_kernels import quant
+
+    for arch in ARCHES:
+        vocab = {tuple(r["tensor_dtypes"]) for r in compiled if r["arch"] == arch and r["kernel"] == "_vocab_stats_kernel"}
+        assert {d for dtypes in vocab for d in dtypes} >= {"float32", "float16", "bfloat16"}
+        tiles = {(r["constants"]["BITS"], r["constants"]["ACT"], r["constants"]["BLOCK_N"], r["constants"]["BLOCK_K"],
+                  r["num_warps"], r["num_stages"])
+                 for r in compiled if r["arch"] == arch and r["kernel"] == "_matmul_kernel"}
+        for bits in quant.BITS:
+            for act in (quant._F16, quant._BF16):  # the GPU path: bf16 dots run natively there
+                for c in quant._MATMUL_CONFIGS:
+                    key = (bits, act, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                    assert key in tiles, (arch, key)
+        pack_tiles = {r["constants"]["BLOCK_R"] for r in compiled if r["arch"] == arch and r["kernel"] == "_rtn_pack_kernel"}
+        assert 4 in pack_tiles  # rtn_pack's row tile on a GPU
+
+
+def test_refuses_to_run_in_the_interpreter():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90"], capture_output=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert done.returncode == 1 and b"TRITON_INTERPRET" in done.stderr and done.stdout == b""
