@@ -68,20 +68,29 @@ def _scorers(student: Any, teachers: list[str], contexts: list[Any], load: Any) 
     return out
 
 
-def _previous(nodes: str, resume: bool) -> tuple[list[dict], list[dict]]:
-    """(question records, node records) already written: whole questions only (a question's record closes it)."""
-    from rechannel.ops.records import read_jsonl
+def _previous(nodes: str, resume: bool) -> tuple[list[dict], list[dict], int]:
+    """(question records, node records, bytes) of the whole questions already written: a question's record
+    closes its block; what follows the last one (a block cut off by a kill) is dropped on resume."""
+    from rechannel.ops.records import parse_object
 
     if not resume:
-        return [], []
+        return [], [], 0
     if nodes == "-":
         raise UserError("--resume needs --nodes FILE: the node records written so far are read back from it")
     if not Path(nodes).exists():
-        return [], []
-    records = [r.data for r in read_jsonl(nodes, allow_empty=True)]
-    done = {r["question"] for r in records if r.get("kind") == "question"}
-    return ([r for r in records if r.get("kind") == "question"],
-            [r for r in records if r.get("kind") == "node" and r["question"] in done])
+        return [], [], 0
+    records, kept, keep = [], 0, 0
+    with open(nodes, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):  # the last line, cut off mid-write
+                break
+            if raw.strip():
+                records.append(parse_object(raw, f"{nodes}:{lineno}"))
+            if records and records[-1].get("kind") == "question":
+                kept, keep = len(records), f.tell()
+    records = records[:kept]
+    return ([r for r in records if r.get("kind") == "question"], [r for r in records if r.get("kind") == "node"],
+            keep)
 
 
 def align_command(
@@ -150,12 +159,13 @@ def align_command(
     contexts = [get_context(c, view) for c in (context or ["reference"])]
     questions = _questions(data, field, id_field, check, limit)
     _check_fields([Context("--prompt", view), *contexts], questions)
-    old_q, old_nodes = _previous(nodes, resume)
+    old_q, old_nodes, keep = _previous(nodes, resume)
     lm = options.load(student, device, dtype, trust_remote_code)
     scorers = _scorers(lm, teacher or [SELF], contexts,
                        lambda spec: options.load_teacher(spec, lm, device, dtype, trust_remote_code))
-    from rechannel.cli.align_run import run
+    from rechannel.cli.align_run import QuestionWriter, run
 
-    run(lm, Context("none", view), scorers, check, cfg, questions, old_q, old_nodes, nodes, output, max_questions,
+    writer = QuestionWriter(nodes, keep if resume else None)
+    run(lm, Context("none", view), scorers, check, cfg, questions, old_q, old_nodes, writer, output, max_questions,
         plot, {"student": student, "teachers": [s.name for s in scorers], "verifier": verifier, "data": data,
                "field": field, "prompt": prompt, **cfg.__dict__})

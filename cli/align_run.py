@@ -4,6 +4,7 @@ and the figures. Kept apart from cli/align.py, which only parses and checks."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import IO, Any
 
 from rechannel.cli.console import console, info, progress
@@ -13,17 +14,28 @@ from rechannel.cli.jsonl import dumps, write_json
 class QuestionWriter:
     """Node records then their question record, one block per question: an interrupted run leaves whole
     questions (the question record closes its block, and --resume trusts only closed blocks). The file is
-    opened at the first finished question, appended to on --resume."""
+    opened at the first finished question; on --resume it is cut back at once to its last closed block (a
+    block a kill cut off is dropped: its question is analysed again), then appended to."""
 
-    def __init__(self, path: str, append: bool) -> None:
-        self.path, self.append = path, append
+    def __init__(self, path: str, resume_at: int | None) -> None:
+        self.path, self.resume_at = path, resume_at
         self._out: IO[bytes] | None = sys.stdout.buffer if path == "-" else None
+        if self._out is None and resume_at is not None and Path(path).exists():
+            self._out = self._open()
 
     def write(self, question: dict, nodes: list[dict]) -> None:
         if self._out is None:
-            self._out = open(self.path, "ab" if self.append else "wb")  # noqa: SIM115 -- closed in close()
+            self._out = self._open()
         self._out.write(b"".join(dumps(r) for r in [*nodes, question]))
         self._out.flush()
+
+    def _open(self) -> IO[bytes]:
+        if self.resume_at is None or not Path(self.path).exists():
+            return open(self.path, "wb")  # noqa: SIM115 -- closed in close()
+        out = open(self.path, "r+b")  # noqa: SIM115
+        out.truncate(self.resume_at)
+        out.seek(self.resume_at)
+        return out
 
     def close(self) -> None:
         if self._out is not None and self.path != "-":
@@ -31,7 +43,7 @@ class QuestionWriter:
 
 
 def run(lm: Any, view: Any, scorers: list[Any], verifier: Any, cfg: Any, questions: list[Any], old_q: list[dict],
-        old_nodes: list[dict], nodes_path: str, output: str, max_questions: int | None, plot: str | None,
+        old_nodes: list[dict], writer: QuestionWriter, output: str, max_questions: int | None, plot: str | None,
         config: dict[str, Any]) -> None:
     from rechannel.ops.align import Diagnosis, Scorer
     from rechannel.ops.align_summary import summarise
@@ -43,7 +55,6 @@ def run(lm: Any, view: Any, scorers: list[Any], verifier: Any, cfg: Any, questio
     student = Scorer("student", lm.model, lambda rec: student_prompt(view.render(rec)))
     diag = Diagnosis(student, lm.tokenizer, scorers, verifier, cfg, _stop_ids(lm))
     all_q, all_nodes = list(old_q), list(old_nodes)
-    writer = QuestionWriter(nodes_path, append=bool(old_q))
     todo = [q for q in questions if q.qid not in done]
     try:
         with progress() as bar:

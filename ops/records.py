@@ -47,7 +47,7 @@ def _open_input(path: str) -> tuple[IO[bytes], str]:
         raise UserError(f"{path}: is a directory, expected a JSONL file") from None
 
 
-def _parse_line(raw: bytes, where: str) -> dict[str, Any]:
+def parse_object(raw: bytes, where: str) -> dict[str, Any]:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -66,7 +66,7 @@ def read_jsonl(path: str, require: Sequence[str] = (), allow_empty: bool = False
             stack.enter_context(f)
         for lineno, raw in enumerate(f, start=1):
             if raw.strip():
-                rec = Record(_parse_line(raw, f"{name}:{lineno}"), f"{name}:{lineno}")
+                rec = Record(parse_object(raw, f"{name}:{lineno}"), f"{name}:{lineno}")
                 for field in require:
                     rec.field(field, object)
                 records.append(rec)

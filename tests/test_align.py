@@ -124,6 +124,12 @@ def test_resume_gives_the_records_of_one_uninterrupted_run(tiny_model, questions
                   "--max-questions", "1")
     assert whole.returncode == 0 and part.returncode == 0, part.stderr.decode()
     assert len([r for r in _records((tmp_path / "b.jsonl").read_bytes()) if r["kind"] == "question"]) == 1
+    # a kill in the middle of the second question's block: two whole node lines and half of a third
+    lines = (tmp_path / "a.jsonl").read_bytes().splitlines(keepends=True)
+    second = len((tmp_path / "b.jsonl").read_bytes().splitlines())
+    assert json.loads(lines[second + 2])["kind"] == "node"
+    with open(tmp_path / "b.jsonl", "ab") as f:
+        f.write(lines[second] + lines[second + 1] + lines[second + 2][:40])
     rest = _align(tiny_model, questions, tmp_path / "b.json", "--nodes", str(tmp_path / "b.jsonl"), "--resume")
     assert rest.returncode == 0, rest.stderr.decode()
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
@@ -151,6 +157,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model, questions, tmp_pat
     tok.save_pretrained(foreign)
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text('{"question": "x", "answer": "42"}\n')
+    broken = tmp_path / "broken-nodes.jsonl"
+    broken.write_text('{"kind": "node", "question": 0}\n{"kind": "node", \n{"kind": "question", "question": 0}\n')
     cases = [
         (_align(tiny_model, bad, tmp_path / "o.json"), f"{bad}:2: missing field 'answer'"),
         (_align(tiny_model, questions, tmp_path / "o.json", "--budget", "0"), "--budget 0"),
@@ -159,6 +167,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model, questions, tmp_pat
         (_align(tiny_model, questions, tmp_path / "o.json", "--verifier", "gsm9k"), "did you mean"),
         (_align(tiny_model, questions, tmp_path / "o.json", "--context", "none"), "no teacher"),
         (_align(tiny_model, questions, tmp_path / "o.json", "--resume"), "--resume needs --nodes FILE"),
+        (_align(tiny_model, questions, tmp_path / "o.json", "--resume", "--nodes", str(broken)),
+         f"{broken}:2: not valid JSON"),
         (run_cli("align", "--student", str(tiny_model), "--data", str(questions), "-o", "-"), "already go to stdout"),
     ]
     for r, message in cases:
@@ -166,6 +176,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model, questions, tmp_pat
         assert r.returncode == 1 and message in err and err.count("\n") == 1 and err.startswith("error:"), err
         assert r.stdout == b""
     assert not (tmp_path / "o.json").exists()
+    assert broken.read_text().count("\n") == 3  # a file --resume cannot read is left as it was
 
 
 class _Letters:
