@@ -23,7 +23,6 @@ import tempfile
 
 import orjson
 import torch
-import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
