@@ -87,9 +87,7 @@ def _run_ppl(lm: Any, task: Any, text: str, seqlen: int, stride: int | None, lim
     nlls: list[float] = []
 
     def record(batch_nll):
-        for v in batch_nll.tolist():
-            out.write({"task": task.name, "window": len(nlls), "nll": v})
-            nlls.append(v)
+        nlls.extend(batch_nll.tolist())
         advance(len(batch_nll))
 
     if stride:
@@ -98,6 +96,8 @@ def _run_ppl(lm: Any, task: Any, text: str, seqlen: int, stride: int | None, lim
         res = perplexity(lm.model, stream, seqlen, limit, batch_size, on_windows=record,
                          prompts=_window_prompts(lm, cond))
     seconds = time.perf_counter() - t0
+    for i, v in enumerate(nlls):  # written once the task is done: a retry at a smaller batch writes no window twice
+        out.write({"task": task.name, "window": i, "nll": v})
     return {"ppl,none": res.perplexity, "ppl_stderr,none": None if stride else _ppl_stderr(res.perplexity, nlls),
             "nll,none": res.mean_nll, "windows": res.windows, "seqlen": seqlen, "stride": stride,
             "tokens_scored": res.tokens_scored, "text_tokens": stream.numel(), "seconds": round(seconds, 2),
@@ -219,6 +219,7 @@ def eval_command(
             data_in = everything[task.name]
 
             def run(b, task=task, data_in=data_in, job=job):
+                bar.reset(job, total=None)  # a retry at a smaller batch starts over
                 advance = lambda n: bar.advance(job, n)  # noqa: E731
                 if task.kind == "ppl":
                     batch = max(1, min(b, token_budget // seqlen)) if token_budget else b

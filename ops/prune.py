@@ -94,7 +94,7 @@ def keep_count(cols: int, sparsity: float) -> int:
 
 def select_mask(weight: torch.Tensor, scale: torch.Tensor | None, sparsity: float, pattern: Pattern) -> torch.Tensor:
     """The magnitude (scale None) or Wanda mask of one weight matrix, compared within each output row."""
-    if use_triton(weight):
+    if use_triton(weight) and not (pattern.structured and pattern.m & (pattern.m - 1)):  # kernel: M a power of 2
         from rechannel.triton_kernels import prune_mask
 
         if pattern.structured:

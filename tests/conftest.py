@@ -66,8 +66,11 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `rechannel ARGS` as a real process: real exit status, stdout and stderr kept apart."""
-    full_env = {**os.environ, "CI": "true", **(env or {})}
+    """Run `rechannel ARGS` as a real process: real exit status, stdout and stderr kept apart.
+
+    The process sees no GPU unless `env` gives it one: what the CLI tests compare against (CPU float32
+    references, fp16 exports, bit-exact resumes) is the CPU path; the GPU paths have their own tests."""
+    full_env = {**os.environ, "CI": "true", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     return subprocess.run([sys.executable, "-m", "rechannel.cli.main", *args], input=input,
                           capture_output=True, env=full_env, timeout=timeout,
                           stdin=None if input is not None else subprocess.DEVNULL)

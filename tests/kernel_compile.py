@@ -77,8 +77,9 @@ def ptxas_usage(kernel, arch: int) -> dict:
             "spill_loads": number(r"(\d+) bytes spill loads")}
 
 
-def launch_all() -> None:
-    """Call every kernel wrapper as the ops do, on small CPU tensors, in each dtype and mode it supports."""
+def launch_all(tiles: bool) -> None:
+    """Call every kernel wrapper as the ops do, on small CPU tensors, in each dtype and mode it supports;
+    with `tiles`, also compile every tile the matmul's autotuner may pick."""
     from rechannel.triton_kernels import prune_mask, quant, sparsegpt, vocab_stats
 
     g = torch.Generator().manual_seed(0)
@@ -91,26 +92,30 @@ def launch_all() -> None:
             prune_mask.n_of_m_mask(w, s, n, m, zero=True)
         zp = torch.randn(8, 49152, generator=g).to(dtype)
         vocab_stats.vocab_stats(zp, zp.flip(1), torch.arange(8))
-    w1, h1 = torch.randn(64, 128, generator=g), torch.eye(128)
-    sparsegpt.obs_block(w1, h1, torch.zeros(64, 128, dtype=torch.bool), 0, 0)
-    sparsegpt.obs_block(w1, h1, torch.zeros(64, 128, dtype=torch.bool), 2, 4)
-    quant.gptq_block(w1, h1, torch.ones(64, 128), torch.zeros(64, 128), 15)
+    for width, n, m in ((128, 0, 0), (128, 2, 4), (256, 4, 8)):  # unstructured, 2:4, 4:8 at the widest block
+        w1, h1 = torch.randn(64, width, generator=g), torch.eye(width)
+        sparsegpt.obs_block(w1, h1, torch.zeros(64, width, dtype=torch.bool), n, m)
+    for dtype in (torch.float32, torch.float64):  # float64: what the tests compare against
+        w1, h1 = torch.randn(64, 128, generator=g, dtype=dtype), torch.eye(128, dtype=dtype)
+        quant.gptq_block(w1, h1, torch.ones(64, 128), torch.zeros(64, 128), 15)
     for bits in quant.BITS:
-        _launch_quant(quant, bits, g)
+        _launch_quant(quant, bits, g, tiles)
 
 
-def _launch_quant(quant, bits: int, g: torch.Generator) -> None:
+def _launch_quant(quant, bits: int, g: torch.Generator, tiles: bool) -> None:
     rows, cols, width = 96, 512, 128
     w = torch.randn(rows, cols, generator=g, dtype=torch.float16)
     packed, scales, zeros = quant.rtn_pack(w, bits, width, sym=False)
     quant.rtn_pack(w.float(), bits, -1, sym=True)
     quant.unpack(packed, bits, cols)
     g_idx = torch.arange(cols) // width
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         quant.dequantize(packed, scales, zeros, g_idx, bits, cols, width, dtype)
         x = torch.randn(5, cols, generator=g).to(dtype)
         quant.matmul(x, packed, scales, zeros, None, bits, cols, width, torch.zeros(rows, dtype=dtype))
-        _autotuned_tiles(quant, x, packed, scales, zeros, bits, cols, width)
+        quant.matmul(x, packed, scales, zeros, g_idx, bits, cols, width)  # act-order files carry g_idx
+        if tiles and (dtype != torch.float32 or bits == 4):  # float32 activations: one width is enough
+            _autotuned_tiles(quant, x, packed, scales, zeros, bits, cols, width)
     # rtn_pack's tile of rows on a GPU
     quant._rtn_pack_kernel.warmup(w, packed, scales, zeros, rows, cols, cols // width, packed.shape[1], cols,
                                   packed.shape[1], scales.shape[1], zeros.shape[1], width, BITS=bits, SYM=False,
@@ -120,7 +125,7 @@ def _launch_quant(quant, bits: int, g: torch.Generator) -> None:
 def _autotuned_tiles(quant, x, packed, scales, zeros, bits, cols, width) -> None:
     """Every tile the CUDA autotuner may pick, at the smallest batch tile (the memory-bound case)."""
     y = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype)
-    act = quant._F16 if x.dtype == torch.float16 else quant._BF16
+    act = {torch.float32: quant._F32, torch.float16: quant._F16, torch.bfloat16: quant._BF16}[x.dtype]
     for config in quant._MATMUL_CONFIGS:
         quant._matmul_kernel.warmup(
             x, packed, scales, zeros, zeros, y, y, x.shape[0], packed.shape[0], cols, packed.shape[1], cols,
@@ -132,6 +137,8 @@ def _autotuned_tiles(quant, x, packed, scales, zeros, bits, cols, width) -> None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability x 10 (default 90 and 80)")
+    parser.add_argument("--tiles", type=int, action="append",
+                        help="the archs for which every autotuned matmul tile is compiled too (default 90)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("error: run without TRITON_INTERPRET: the interpreter compiles nothing")
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.arch or [90, 80]:
         driver.set_active(CompileOnlyDriver(arch))
         COMPILED.clear()
-        launch_all()
+        launch_all(arch in (args.tiles or [90]))
         for name, kernel, launch in COMPILED:
             record = {"arch": arch, "kernel": name, **launch, "cubin_bytes": len(kernel.asm["cubin"]),
                       "num_warps": kernel.metadata.num_warps, "num_stages": kernel.metadata.num_stages,

@@ -241,3 +241,34 @@ def test_auto_batch_size_halves_on_gpu_out_of_memory():
     with pytest.raises(UserError, match="out of GPU memory at --batch-size 32"):
         _with_batch_size(run, 32, "cuda:0")
     assert _with_batch_size(lambda b: b, None, "cpu") == (32, 32)
+
+
+def test_out_of_memory_retry_writes_each_perplexity_window_once(monkeypatch):
+    """A batch that runs out of GPU memory after earlier batches scored: the retry must not repeat them."""
+    from types import SimpleNamespace
+
+    import rechannel.ops.perplexity as ppl_ops
+    from rechannel.cli.eval import _run_ppl, _with_batch_size
+
+    def fake_perplexity(model, stream, seqlen, limit, batch_size, on_windows, prompts):
+        on_windows(torch.tensor([1.0, 2.0]))  # the first batch scores, then the next one does not fit
+        if batch_size > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        on_windows(torch.tensor([3.0]))
+        return SimpleNamespace(perplexity=7.4, mean_nll=2.0, windows=3, tokens_scored=12)
+
+    monkeypatch.setattr(ppl_ops, "perplexity", fake_perplexity)
+    def tokenizer(text, return_tensors):
+        return SimpleNamespace(input_ids=torch.zeros(1, 16, dtype=torch.long))
+
+    lm = SimpleNamespace(model=None, tokenizer=tokenizer)
+    written = []
+    out = SimpleNamespace(write=written.append)
+
+    def run(batch):
+        return _run_ppl(lm, SimpleNamespace(name="wikitext2"), "t", 4, None, None, batch,
+                        SimpleNamespace(prompts=None), out, lambda n: None)
+
+    (res, _), used = _with_batch_size(run, None, "cuda:0")
+    assert used == 2 and res["windows"] == 3
+    assert written == [{"task": "wikitext2", "window": i, "nll": v} for i, v in enumerate([1.0, 2.0, 3.0])]

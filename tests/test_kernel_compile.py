@@ -54,23 +54,35 @@ def test_every_kernel_compiles_for_each_arch(compiled):
         assert record["cubin_bytes"] > 0 and 0 < record["registers"] <= 255, record
 
 
+def _of(compiled: list[dict], arch: int, kernel: str) -> list[dict]:
+    return [r for r in compiled if r["arch"] == arch and r["kernel"] == kernel]
+
+
 def test_launch_variants_are_covered(compiled):
-    """The variants a GPU run reaches: each activation dtype, bit width and autotuned tile of the matmul."""
+    """What a GPU run reaches on either arch: every logit dtype of vocab_stats, g_idx in the matmul,
+    rtn_pack's GPU row tile, float64 GPTQ blocks and 4:8 SparseGPT blocks at the widest block."""
+    for arch in ARCHES:
+        vocab = _of(compiled, arch, "_vocab_stats_kernel")
+        assert {d for r in vocab for d in r["tensor_dtypes"]} >= {"float32", "float16", "bfloat16"}
+        assert any(r["constants"]["HAS_G_IDX"] for r in _of(compiled, arch, "_matmul_kernel"))
+        assert 4 in {r["constants"]["BLOCK_R"] for r in _of(compiled, arch, "_rtn_pack_kernel")}
+        assert {r["constants"]["F64"] for r in _of(compiled, arch, "_gptq_block_kernel")} == {False, True}
+        obs = {(r["constants"]["M"], r["constants"]["BLOCK_B"]) for r in _of(compiled, arch, "_obs_block_kernel")}
+        assert {(0, 128), (4, 128), (8, 256)} <= obs
+
+
+def test_every_autotuned_matmul_tile_compiles_for_hopper(compiled):
+    """Each tile the autotuner may pick on an H100/H200, for fp16 and bf16 activations at every bit width
+    (bf16 dots run natively there, not through float32 as in the interpreter), and float32 at 4 bits."""
     from rechannel.triton_kernels import quant
 
-    for arch in ARCHES:
-        vocab = {tuple(r["tensor_dtypes"]) for r in compiled if r["arch"] == arch and r["kernel"] == "_vocab_stats_kernel"}
-        assert {d for dtypes in vocab for d in dtypes} >= {"float32", "float16", "bfloat16"}
-        tiles = {(r["constants"]["BITS"], r["constants"]["ACT"], r["constants"]["BLOCK_N"], r["constants"]["BLOCK_K"],
-                  r["num_warps"], r["num_stages"])
-                 for r in compiled if r["arch"] == arch and r["kernel"] == "_matmul_kernel"}
-        for bits in quant.BITS:
-            for act in (quant._F16, quant._BF16):  # the GPU path: bf16 dots run natively there
-                for c in quant._MATMUL_CONFIGS:
-                    key = (bits, act, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-                    assert key in tiles, (arch, key)
-        pack_tiles = {r["constants"]["BLOCK_R"] for r in compiled if r["arch"] == arch and r["kernel"] == "_rtn_pack_kernel"}
-        assert 4 in pack_tiles  # rtn_pack's row tile on a GPU
+    tiles = {(r["constants"]["BITS"], r["constants"]["ACT"], r["constants"]["BLOCK_N"], r["constants"]["BLOCK_K"],
+              r["num_warps"], r["num_stages"]) for r in _of(compiled, 90, "_matmul_kernel")}
+    wanted = [(bits, act) for bits in quant.BITS for act in (quant._F16, quant._BF16)] + [(4, quant._F32)]
+    for bits, act in wanted:
+        for c in quant._MATMUL_CONFIGS:
+            key = (bits, act, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+            assert key in tiles, key
 
 
 def test_refuses_to_run_in_the_interpreter():

@@ -111,8 +111,9 @@ def test_odd_shapes_and_strided_rows():
     wide = torch.zeros(5, 5000)
     wide[:, :4099] = zq
     ref = _reference(zp, zq, y, BETA)
+    assert wide.to(DEVICE)[:, :4099].stride(0) == 5000  # the slice is taken where the kernel runs: rows strided
     for block in (512, 2048):
-        out = kernel.vocab_stats(zp.to(DEVICE), wide[:, :4099].to(DEVICE), y.to(DEVICE), BETA, block=block)
+        out = kernel.vocab_stats(zp.to(DEVICE), wide.to(DEVICE)[:, :4099], y.to(DEVICE), BETA, block=block)
         _check(out, ref, y, rtol=2e-4)
 
 

@@ -5,6 +5,8 @@ tile of rows and the whole block (<= 128 columns) in registers and walks the col
 picks the n smallest w^2/[H^-1]_jj^2 of each group of m as it reaches it (ranks inside the group; ties to
 the lower index), prunes the column, and spreads the error over the rest of the block with the row i of
 the Cholesky factor. The caller then applies the block's errors to the later columns with one matmul.
+Divisions round correctly (div_rn: a GPU's plain float32 `/` need not) and no multiply-add is fused into an
+FMA, so a GPU gives torch's block bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _obs_block_kernel(w_ptr, h_ptr, mask_ptr, err_ptr, rows, width, stride_w, st
         if M > 0:
             if i % M == 0:
                 group = (c[None, :] >= i) & (c[None, :] < i + M)
-                score = w * w / (diag * diag)[None, :]
+                score = tl.math.div_rn(w * w, (diag * diag)[None, :])
                 rank = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.int32)
                 for j in tl.static_range(M):
                     sj = tl.sum(tl.where(c[None, :] == i + j, score, 0.0), axis=1)[:, None]  # (BR, 1)
@@ -40,7 +42,7 @@ def _obs_block_kernel(w_ptr, h_ptr, mask_ptr, err_ptr, rows, width, stride_w, st
         drop = tl.sum(tl.where(here & pruned, 1, 0), axis=1) > 0
         q = tl.where(drop, 0.0, col)
         d = tl.load(h_ptr + i * stride_h + i)
-        e = (col - q) / d
+        e = tl.math.div_rn(col - q, d)
         h_row = tl.load(h_ptr + i * stride_h + c, mask=(c >= i) & (c < width), other=0.0)  # (BB,)
         w = w - e[:, None] * h_row[None, :]
         w = tl.where(here, q[:, None], w)
@@ -64,6 +66,7 @@ def obs_block(w1: torch.Tensor, h1: torch.Tensor, mask1: torch.Tensor, n: int, m
     block_r = 16
     _obs_block_kernel[(triton.cdiv(rows, block_r),)](
         w1, h1, mask8, err, rows, width, w1.stride(0), h1.stride(0), N=n, M=m, BLOCK_R=block_r,
-        BLOCK_B=triton.next_power_of_2(width), num_warps=4)
+        BLOCK_B=triton.next_power_of_2(width), num_warps=4,
+        enable_fp_fusion=False)  # w -= e * h rounded twice, as torch does it
     mask1.copy_(mask8.bool())
     return err

@@ -72,9 +72,14 @@ def _bench_matmul(bw: float) -> list[str]:
 
 
 def _rtn_torch(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch path of ops.quant.rtn, then packing (rtn itself would take the kernel for a CUDA tensor)."""
     from rechannel.ops.quant import QuantSpec, pack_rows, rtn
 
-    qw = rtn(w, QuantSpec(bits=bits, group_size=GROUP))
+    os.environ["RECHANNEL_KERNELS"] = "torch"
+    try:
+        qw = rtn(w, QuantSpec(bits=bits, group_size=GROUP))
+    finally:
+        del os.environ["RECHANNEL_KERNELS"]  # back to auto: CUDA tensors take the kernels
     return pack_rows(qw.codes, bits), qw.scales, qw.zeros
 
 
