@@ -118,6 +118,9 @@ def align_command(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Rollout length at most.")] = 256,
     beta: Annotated[float, typer.Option(help="β of JSD(β), in (0, 1).")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of rollouts, nodes and continuations.")] = 0,
+    max_batch: Annotated[int | None, typer.Option(min=1, help="Continuations decoded together at most (default: "
+                                                  "all of a node's); lower it if a large model runs out of memory.")
+                         ] = None,
     select_pass_rate: Annotated[str | None, typer.Option(help="LOW:HIGH: analyse only questions whose rollouts "
                                                          "pass at a rate in this range, e.g. 0.1:0.9.")] = None,
     max_questions: Annotated[int | None, typer.Option(min=1, help="Stop after this many analysed questions.")
@@ -153,7 +156,7 @@ def align_command(
     if not 0.0 < beta < 1.0:
         raise UserError(f"--beta {beta}: must be in (0, 1)")
     cfg = AlignConfig(rollouts, continuations, candidates, budget, temperature, max_new_tokens, seed, beta,
-                      _pass_rate(select_pass_rate))
+                      _pass_rate(select_pass_rate), max_batch)
     check = get_verifier(verifier)
     view = student_view(prompt, field)
     contexts = [get_context(c, view) for c in (context or ["reference"])]

@@ -34,6 +34,7 @@ class AlignConfig:
     seed: int = 0
     beta: float = 0.5  # JSD(β)
     pass_rate: tuple[float, float] | None = None  # analyse only questions whose rollouts pass at this rate
+    max_batch: int | None = None  # continuations decoded together at most (None: a node's |K| x C at once)
 
 
 @dataclass
@@ -149,7 +150,7 @@ class Diagnosis:
         state = prompt_state(self.student.model, prompt)
         first = draw(state[0][None], cfg.temperature, gen, n=cfg.rollouts)[0]  # (R,)
         rollouts = continue_rows(self.student.model, state[1], len(prompt), first, cfg.max_new_tokens,
-                                 cfg.temperature, self.stop_ids, gen)
+                                 cfg.temperature, self.stop_ids, gen, cfg.max_batch)
         correct = [self.correct(r, q.record) for r in rollouts]
         rate = sum(correct) / len(correct)
         head = {"kind": "question", "question": q.qid, "index": q.index, "pass_rate": rate,
@@ -194,7 +195,7 @@ class Diagnosis:
         c = self.cfg.continuations
         first = torch.tensor(cands, device=self.device).repeat_interleave(c)  # (|K| C,)
         rows = continue_rows(self.student.model, kv, length + t, first, self.cfg.max_new_tokens - t,
-                             self.cfg.temperature, self.stop_ids, gen)
+                             self.cfg.temperature, self.stop_ids, gen, self.cfg.max_batch)
         ok = torch.tensor([self.correct(rollout[:t] + row, record) for row in rows], dtype=torch.float64)
         return ok.view(len(cands), c).mean(1)  # (|K|,)
 

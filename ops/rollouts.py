@@ -40,9 +40,23 @@ def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator, n
 
 
 def continue_rows(model: Any, prefix: list[LayerKV], length: int, first: torch.Tensor, max_new: int,
-                  temperature: float, stop_ids: set[int], generator: torch.Generator) -> list[list[int]]:
+                  temperature: float, stop_ids: set[int], generator: torch.Generator,
+                  max_rows: int | None = None) -> list[list[int]]:
     """Rows = copies of the cached prefix (its first `length` positions); row i starts with token first[i]
-    and decodes up to `max_new` tokens in all, stopping after a stop token (kept). first: (B,)."""
+    and decodes up to `max_new` tokens in all, stopping after a stop token (kept). first: (B,).
+
+    At most `max_rows` rows decode together (None: all): each row holds its own copy of the prefix's cache,
+    so on a large model the batch, not the model, can set the memory. The rows of later chunks draw from
+    the generator after those of earlier ones: the samples depend on max_rows, not only on the seed."""
+    size = max_rows or max(1, first.shape[0])
+    out: list[list[int]] = []
+    for i in range(0, first.shape[0], size):
+        out += _decode_rows(model, prefix, length, first[i:i + size], max_new, temperature, stop_ids, generator)
+    return out
+
+
+def _decode_rows(model: Any, prefix: list[LayerKV], length: int, first: torch.Tensor, max_new: int,
+                 temperature: float, stop_ids: set[int], generator: torch.Generator) -> list[list[int]]:
     rows = first.shape[0]
     kv = [(k[:, :, :length].repeat(rows, 1, 1, 1), v[:, :, :length].repeat(rows, 1, 1, 1)) for k, v in prefix]
     stops = torch.tensor(sorted(stop_ids), device=first.device)

@@ -236,3 +236,34 @@ def test_student_prompt_template_is_what_student_and_none_teacher_see(tiny_model
     bad = _align(tiny_model, questions, tmp_path / "t.json", "--prompt", f"template:{template}")
     assert bad.returncode == 1 and "needs the field 'nothere'" in bad.stderr.decode()
     assert not (tmp_path / "t.json").exists()
+
+
+def test_continuations_in_smaller_batches_decode_the_same_rows(tiny_model):
+    """--max-batch bounds how many continuations decode together; greedy rows do not depend on it, and
+    sampled rows are those of the chunks drawn one after the other from the same generator."""
+    from transformers import AutoModelForCausalLM
+
+    from rechannel.ops.align import prompt_state
+    from rechannel.ops.rollouts import continue_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = [1, 5, 9, 13, 17]
+    _, kv = prompt_state(model, ids)
+    first = torch.tensor([3, 8, 8, 21, 40])
+
+    def rows(max_rows, temperature, seed=0, first=first):
+        gen = torch.Generator().manual_seed(seed)
+        return continue_rows(model, kv, len(ids), first, 6, temperature, {2}, gen, max_rows)
+
+    assert rows(None, 0.0) == rows(1, 0.0) == rows(2, 0.0) == rows(64, 0.0)
+    assert [r[0] for r in rows(2, 0.0)] == first.tolist() and all(len(r) <= 6 for r in rows(2, 0.0))
+    gen = torch.Generator().manual_seed(7)
+    one_by_one = [row for i in range(0, 5, 2)
+                  for row in continue_rows(model, kv, len(ids), first[i:i + 2], 6, 1.0, {2}, gen)]
+    assert rows(2, 1.0, seed=7) == one_by_one
+
+
+def test_max_batch_is_recorded_and_runs(tiny_model, questions, tmp_path):
+    r = _align(tiny_model, questions, tmp_path / "m.json", "--max-batch", "3", "--budget", "2", "--limit", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    assert json.loads((tmp_path / "m.json").read_text())["config"]["max_batch"] == 3
