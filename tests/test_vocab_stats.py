@@ -124,3 +124,11 @@ def test_twin_matches_kernel_columnwise():
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     assert math.isclose(a[0, COL["entropy_p"]].item(), _reference(zp, zq, y, BETA)["entropy_p"][0].item(),
                         rel_tol=1e-5)
+
+
+def test_the_gpu_benchmark_reference_computes_the_same_columns():
+    """tests/bench/vocab.py checks the kernel against its own eager formulas on the GPU: they must be right."""
+    from tests.bench.vocab import eager
+
+    zp, zq, y = _logits(6, 3001, seed=21, scale=3.0)
+    assert torch.allclose(eager(zp, zq, y), vocab_stats_torch(zp, zq, y, 0.5), rtol=1e-4, atol=1e-6)
