@@ -114,9 +114,10 @@ def align_command(
     candidates: Annotated[int, typer.Option(min=1, help="Top tokens of the student and of each teacher in K.")
                           ] = 4,
     budget: Annotated[int, typer.Option(help="Nodes per question.")] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Student sampling temperature.")] = 1.0,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature of rollouts and continuations "
+                                               "(p and q stay the models' own distributions).")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Rollout length at most.")] = 256,
-    beta: Annotated[float, typer.Option(help="β of JSD(β), in (0, 1).")] = 0.5,
+    beta: Annotated[float, typer.Option(help="β of JSD(β), in (0, 1): the teacher's weight in the mixture, as in GKD and TRL.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of rollouts, nodes and continuations.")] = 0,
     max_batch: Annotated[int | None, typer.Option(min=1, help="Continuations decoded together at most (default: "
                                                   "all of a node's); lower it if a large model runs out of memory.")

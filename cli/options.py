@@ -34,6 +34,10 @@ def load_teacher(spec: str, lm: Any, device: str, dtype: str, trust_remote_code:
     if teacher.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
         raise UserError(f"the teacher {spec!r} has another vocabulary than the model; teacher and student "
                         "distributions are compared token by token, so both must share one tokenizer")
+    widths = [m.get_output_embeddings().weight.shape[0] for m in (lm.model, teacher.model)]
+    if min(widths) < len(lm.tokenizer):
+        raise UserError(f"the teacher {spec!r} outputs {widths[1]} logits and the model {widths[0]}, fewer than "
+                        f"the tokenizer's {len(lm.tokenizer)} tokens")
     recorded = (getattr(lm.model.config, "rechannel", None) or {}).get("source", {})
     if recorded.get("model") == spec and recorded.get("fingerprint") not in (None, teacher.fingerprint):
         raise UserError(f"the model was compressed from {spec!r} with fingerprint {recorded['fingerprint']}, "

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rechannel.ops.alignment import Candidates, on_candidates, over_vocabulary, value_and_ideal
+from rechannel.ops.alignment import Candidates, on_candidates, on_k, over_vocabulary, value_and_ideal
 from rechannel.ops.kvcache import LayerKV, build_cache, cache_keyword, layer_kv, returned_cache
 from rechannel.ops.rollouts import continue_rows, draw
 from rechannel.ops.verifiers import Verifier
@@ -32,7 +32,7 @@ class AlignConfig:
     temperature: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
-    beta: float = 0.5  # JSD(β)
+    beta: float = 0.5  # JSD(β): the teacher's weight in the mixture, as in GKD
     pass_rate: tuple[float, float] | None = None  # analyse only questions whose rollouts pass at this rate
     max_batch: int | None = None  # continuations decoded together at most (None: a node's |K| x C at once)
 
@@ -135,6 +135,9 @@ class Diagnosis:
         self.student, self.tok, self.teachers = student, tokenizer, teachers
         self.verifier, self.cfg, self.stop_ids = verifier, cfg, stop_ids
         self.device = next(student.model.parameters()).device
+        # models of one family can pad their output layer to different widths (Qwen2.5: 151936 and 152064
+        # rows for the same 151665 tokens): distributions are compared over the columns all of them have
+        self.width = min(logit_width(s.model) for s in [student, *teachers])
 
     def text(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -170,13 +173,14 @@ class Diagnosis:
             here = [(t, w) for rr, t, w in nodes if rr == r]
             if not here:
                 continue
-            zs, kv = rollout_logits(self.student.model, state, len(prompt), rollout)  # (n, V)
+            zs, kv = rollout_logits(self.student.model, state, len(prompt), rollout)
+            zs = zs[:, :self.width]  # (n, V)
             pos = torch.tensor([t for t, _ in here], device=zs.device)
             zp, y = zs[pos], torch.tensor(rollout, device=zs.device)[pos]  # (N, V), (N,)
             teach = []
             for t, ids, t_state in teacher_states:
                 zt, _ = rollout_logits(t.model, t_state, len(ids), rollout)
-                zq = zt[pos].to(zp.device)
+                zq = zt[pos, :self.width].to(zp.device)
                 teach.append((t.name, zq, vocab_stats(zp, zq, y, self.cfg.beta)))
             for i, (t, w) in enumerate(here):
                 yield self._node(q, r, rollout, correct[r], t, w, kv, len(prompt), zp[i],
@@ -207,7 +211,7 @@ class Diagnosis:
         stats = teach[0][2] if teach else vocab_stats(zp[None], zp[None], torch.tensor([y], device=zp.device))[0]
         lp = candidate_logs(zp, cands, stats[COL["lnorm_p"]])  # (K,)
         p = lp.exp()
-        v, _ = value_and_ideal(p / p.sum(), s)
+        v, _ = value_and_ideal(on_k(lp), s)
         rec = {"kind": "node", "question": q.qid, "rollout": r, "correct": correct, "position": t, "window": w,
                "token": y, "text": self.text([y]), "V": v, "p_mass": float(p.sum()),
                "K": [{"token": k, "text": self.text([k]), "p": float(p[i]), "S": float(s[i]), "q": {}}
@@ -223,10 +227,15 @@ class Diagnosis:
 
     def _teacher_entry(self, c: Candidates, lq: torch.Tensor, st: torch.Tensor) -> dict:
         beta = self.cfg.beta
-        return {**on_candidates(c.lp.exp(), lq.exp(), c.s, beta),
+        return {**on_candidates(c.lp, lq, c.s, beta),
                 "align_vocab": over_vocabulary(c, lq, st.cpu(), beta),
-                "kl": float(st[COL["kl_pq"]]), "js": float(beta * st[COL["kl_pm"]] + (1 - beta) * st[COL["kl_qm"]]),
+                "kl": float(st[COL["kl_pq"]]), "js": float((1 - beta) * st[COL["kl_pm"]] + beta * st[COL["kl_qm"]]),
                 "q_mass": float(lq.exp().sum())}
+
+
+def logit_width(model: Any) -> int:
+    """How many logits the model outputs per position (its vocabulary, padded or not)."""
+    return model.get_output_embeddings().weight.shape[0]
 
 
 def candidate_logs(z: torch.Tensor, cands: list[int], lnorm: torch.Tensor) -> torch.Tensor:

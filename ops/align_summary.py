@@ -6,6 +6,7 @@ teacher equal to the student) are counted but left out of the statistics, so `n`
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -15,8 +16,10 @@ from rechannel.ops.alignment import GRADIENTS
 GROUPS = ("incorrect", "correct", "all")
 
 
-def describe(values: Sequence[float]) -> dict[str, Any]:
-    """n, mean, median, std (population) and the share above zero of the defined values."""
+def describe(values: Sequence[float | None]) -> dict[str, Any]:
+    """n, mean, median, std (population) and the share above zero of the defined, finite values (a KL
+    with a teacher that gives a token probability 0 is infinite; JSON writes it, and reads it back, as null)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return {"n": 0, "mean": None, "median": None, "std": None, "share_positive": None}
     return {"n": len(values), "mean": statistics.fmean(values), "median": statistics.median(values),

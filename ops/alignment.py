@@ -5,7 +5,9 @@ after forcing candidate k. On the candidate set K (p and q renormalised on K):
   V = Σ p_k S_k,  g_ideal = p ⊙ (S − V),  teacher advantage TA = ⟨q − p, S⟩,
 and the logit-space distillation gradients −∂D/∂z = p ⊙ (f − Σ p f), f = −∂D/∂p:
   reverse KL  p ⊙ (log q − log p + KL(p‖q)),   forward KL  q − p,
-  JSD(β)      β p ⊙ (−log(p/m) + KL(p‖m)), m = βp + (1−β)q,   sampled token  A (e_y − p), A = log q_y − log p_y;
+  JSD(β)      (1−β) p ⊙ (−log(p/m) + KL(p‖m)), m = (1−β)p + βq (β the teacher's weight, as in GKD and TRL:
+              β → 0 is forward KL, β → 1 reverse KL, to first order),   sampled token  A (e_y − p),
+              A = log q_y − log p_y over the full vocabulary;
 alignment = cosine(g_ideal, g). Over the whole vocabulary the distillation side uses the unnormalised p and q
 with the norms from ops/vocab_stats (g_ideal is p_k (S_k − V) on K and zero elsewhere: S is only known on K).
 A cosine with a zero vector (every candidate equally good, or q = p) is undefined and reported as None.
@@ -39,64 +41,80 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float((a @ b).item() / (na * nb))
 
 
+def on_k(lp: torch.Tensor) -> torch.Tensor:
+    """(K,) full-vocabulary log-probabilities -> the probabilities renormalised on K."""
+    return (lp - torch.logsumexp(lp, 0)).exp()
+
+
+def deviation(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """a − Σ p a on K, computed through y (index 0) as (a_k − a_y) − Σ_{j≠y} p_j (a_j − a_y).
+
+    Exact when p_y is near 1: the naive form subtracts two numbers both near a_y, and at p_y = 1 − 1e-17
+    leaves nothing of the other tokens' pull (a cosine of rounding noise)."""
+    d = a - a[0]
+    return d - (p[1:] * d[1:]).sum()
+
+
+def centred(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """p ⊙ (a − Σ p a): the logit-space gradient of Σ p a (see deviation)."""
+    return p * deviation(p, a)
+
+
 def value_and_ideal(p: torch.Tensor, s: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """V = Σ p S and g_ideal = p ⊙ (S − V) for a distribution p on K (already renormalised). When every S_k
-    is the same, g_ideal is exactly zero (V computed in floating point would leave rounding noise in S − V,
-    and a cosine with noise is not an alignment)."""
-    v = float((p * s).sum())
+    """V = Σ p S and g_ideal = p ⊙ (S − V) for p renormalised on K, both through y (see centred). When
+    every S_k is the same, g_ideal is exactly zero: a cosine with it is undefined, not 0."""
     if bool(s.max() == s.min()):
         return float(s[0]), torch.zeros_like(p)
-    return v, p * (s - v)
+    return float(s[0] + (p[1:] * (s[1:] - s[0])).sum()), centred(p, s)
 
 
-def kl(p: torch.Tensor, q: torch.Tensor) -> float:
-    return float((p * (p.log() - q.log())).sum())
+def gradients_on_k(p: torch.Tensor, q: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, adv: float,
+                   beta: float) -> dict[str, torch.Tensor]:
+    """The four distillation gradients on K: p, q renormalised there, lp, lq their logs, adv the sampled
+    token's A = log q_y − log p_y over the full vocabulary (renormalising would shift it by a constant and
+    could flip its sign). 1 − p_y and q_y − p_y are taken as sums over the other candidates."""
+    lm = torch.logaddexp(lp + math.log1p(-beta), lq + math.log(beta))
+    fkl = q - p
+    fkl[0] = (p[1:] - q[1:]).sum()
+    sampled = -adv * p
+    sampled[0] = adv * p[1:].sum()
+    return {"rkl": centred(p, lq - lp), "fkl": fkl, "jsd": (1 - beta) * centred(p, lm - lp), "sampled": sampled}
 
 
-def gradients_on_k(p: torch.Tensor, q: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
-    """The four distillation gradients for distributions p, q on K (renormalised; index 0 is y)."""
-    lp, lq = p.log(), q.log()
-    m = beta * p + (1 - beta) * q
-    e_y = torch.zeros_like(p)
-    e_y[0] = 1.0
-    return {
-        "rkl": p * (lq - lp + kl(p, q)),
-        "fkl": q - p,
-        "jsd": beta * p * (-(lp - m.log()) + kl(p, m)),
-        "sampled": float(lq[0] - lp[0]) * (e_y - p),
-    }
-
-
-def on_candidates(p: torch.Tensor, q: torch.Tensor, s: torch.Tensor, beta: float) -> dict:
-    """Alignments and teacher advantage on K from full-vocabulary probabilities p, q on K and S."""
-    p, q = p / p.sum(), q / q.sum()
+def on_candidates(lp: torch.Tensor, lq: torch.Tensor, s: torch.Tensor, beta: float) -> dict:
+    """Alignments and teacher advantage on K from the full-vocabulary log-probabilities of the candidates
+    (index 0 is y) and their S."""
+    p, q = on_k(lp), on_k(lq)
     _, ideal = value_and_ideal(p, s)
-    grads = gradients_on_k(p, q, beta)
+    grads = gradients_on_k(p, q, p.log(), q.log(), float(lq[0] - lp[0]), beta)
     return {"align": {name: cosine(ideal, g) for name, g in grads.items()},
-            "advantage": float(((q - p) * s).sum())}
+            "advantage": float(((q[1:] - p[1:]) * (s[1:] - s[0])).sum())}  # ⟨q − p, S⟩: Σ (q − p) = 0 on K
 
 
 def over_vocabulary(c: Candidates, lq: torch.Tensor, stats: torch.Tensor, beta: float) -> dict[str, float | None]:
     """Cosines of g_ideal (on K) with the full-vocabulary gradients, whose norms come from vocab_stats."""
     st = stats.double()
     p = c.lp.exp()  # (K,) unnormalised: the mass outside K is part of the full-vocabulary gradients
-    v, flat = value_and_ideal(p / p.sum(), c.s)
-    ideal = p * (c.s - v) if flat.any() else flat  # (K,) nonzero entries of the full-vocabulary g_ideal
+    flat = bool(c.s.max() == c.s.min())
+    ideal = torch.zeros_like(p) if flat else p * deviation(on_k(c.lp), c.s)  # (K,) p_k (S_k − V), V on K
     a_rkl = (lq - c.lp) - (lq[0] - c.lp[0]) - st[COL["b_rkl"]]  # a_k − ā, centred through y
-    lm = torch.logaddexp(c.lp + math.log(beta), lq + math.log1p(-beta))
+    lm = torch.logaddexp(c.lp + math.log1p(-beta), lq + math.log(beta))
     a_jsd = (c.lp - lm) - (c.lp[0] - lm[0]) - st[COL["b_jsd"]]
-    p_y = 1.0 - st[COL["p_rest"]]
+    p_rest = st[COL["p_rest"]]  # 1 − p_y as the kernel sums it, over the other tokens
+    p_y = 1.0 - p_rest
     adv = float(lq[0] - c.lp[0])
+    dq = lq.exp() - p  # (K,) q − p; at y, (1 − p_y) − (1 − q_y)
+    dq[0] = p_rest - (-torch.expm1(lq[0]))
     dots = {
         "rkl": (ideal * p * a_rkl).sum(),
-        "fkl": (ideal * (lq.exp() - p)).sum(),
-        "jsd": -beta * (ideal * p * a_jsd).sum(),
-        "sampled": adv * (ideal[0] - (ideal * p).sum()),
+        "fkl": (ideal * dq).sum(),
+        "jsd": -(1 - beta) * (ideal * p * a_jsd).sum(),
+        "sampled": adv * (ideal[0] * p_rest - (ideal[1:] * p[1:]).sum()),  # ⟨g_ideal, A (e_y − p)⟩
     }
     norms2 = {
         "rkl": p_y ** 2 * st[COL["b_rkl"]] ** 2 + st[COL["n_rkl"]],
         "fkl": st[COL["sum_dqp2"]],
-        "jsd": beta ** 2 * (p_y ** 2 * st[COL["b_jsd"]] ** 2 + st[COL["n_jsd"]]),
+        "jsd": (1 - beta) ** 2 * (p_y ** 2 * st[COL["b_jsd"]] ** 2 + st[COL["n_jsd"]]),
         "sampled": adv ** 2 * (st[COL["p_rest"]] ** 2 + st[COL["p2_rest"]]),
     }
     n_ideal = ideal.norm().item()

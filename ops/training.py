@@ -46,11 +46,13 @@ def check_objective(objective: str) -> None:
 def token_loss(objective: str, logits: torch.Tensor, ids: torch.Tensor,
                teacher: torch.Tensor | None) -> torch.Tensor:
     """(B,) mean per-token loss of each window. logits, teacher (B, T, V); ids (B, T)."""
-    logp = torch.log_softmax(logits.float(), -1)
     if objective == "lm":
+        logp = torch.log_softmax(logits.float(), -1)
         nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
         return nll.mean(1)
-    t = torch.log_softmax(teacher.float(), -1)
+    width = min(logits.shape[-1], teacher.shape[-1])  # a family's models can pad their vocabularies differently
+    logp = torch.log_softmax(logits[..., :width].float(), -1)
+    t = torch.log_softmax(teacher[..., :width].float(), -1)
     return (t.exp() * (t - logp)).sum(-1).mean(1)  # KL(teacher || student), (B,)
 
 

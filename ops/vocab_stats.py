@@ -124,5 +124,5 @@ def _chunk_logs(zp, zq, y, anchors, cols: slice):
 
 
 def _log_mix(lp: torch.Tensor, lq: torch.Tensor, beta: float) -> torch.Tensor:
-    """log(β p + (1-β) q) from log p and log q, without leaving log space."""
-    return torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    """log m, m = (1-β) p + β q (β the teacher's weight, as in GKD), from log p and log q in log space."""
+    return torch.logaddexp(lp + math.log1p(-beta), lq + math.log(beta))

@@ -35,13 +35,14 @@ def make_tokenizer():
                                    pad_token="</s>")
 
 
-def make_tiny_llama(path: Path, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
-    """Save a random Llama (GQA, 2 layers) with its tokenizer in Hugging Face layout at `path`."""
+def make_tiny_llama(path: Path, seed: int = 0, layers: int = 2, hidden: int = 64, pad_vocab: int = 0) -> Path:
+    """Save a random Llama (GQA, 2 layers) with its tokenizer in Hugging Face layout at `path`; `pad_vocab`
+    extra embedding rows past the tokenizer's tokens, as some model families pad theirs."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden + 8,
+    config = LlamaConfig(vocab_size=len(tokenizer) + pad_vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                          tie_word_embeddings=False)

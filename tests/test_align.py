@@ -26,7 +26,9 @@ def questions(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def second_teacher(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("teacher") / "model", seed=3)
+    """Another model of the same tokenizer whose output layer is padded by 8 rows, as Qwen2.5-7B's is
+    against Qwen2.5-0.5B's: distributions are compared over the columns both have."""
+    return make_tiny_llama(tmp_path_factory.mktemp("teacher") / "model", seed=3, pad_vocab=8)
 
 
 SMALL = ["--rollouts", "4", "--continuations", "4", "--candidates", "2", "--budget", "5", "--max-new-tokens", "10",
@@ -55,17 +57,17 @@ def _independent(node: dict, teacher: str, beta: float = 0.5) -> tuple[dict, flo
     p = [k["p"] for k in node["K"]]
     q = [k["q"][teacher] for k in node["K"]]
     s = [k["S"] for k in node["K"]]
+    adv = math.log(q[0]) - math.log(p[0])  # the sampled token's reward, over the full vocabulary
     p = [x / sum(p) for x in p]
     q = [x / sum(q) for x in q]
     v = sum(a * b for a, b in zip(p, s, strict=True))
     ideal = [a * (b - v) for a, b in zip(p, s, strict=True)] if len(set(s)) > 1 else [0.0] * len(p)  # S flat: 0
     kl = sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
-    m = [beta * a + (1 - beta) * b for a, b in zip(p, q, strict=True)]
+    m = [(1 - beta) * a + beta * b for a, b in zip(p, q, strict=True)]
     kl_m = sum(a * math.log(a / b) for a, b in zip(p, m, strict=True))
-    adv = math.log(q[0]) - math.log(p[0])
     grads = {"rkl": [a * (math.log(b) - math.log(a) + kl) for a, b in zip(p, q, strict=True)],
              "fkl": [b - a for a, b in zip(p, q, strict=True)],
-             "jsd": [beta * a * (-math.log(a / c) + kl_m) for a, c in zip(p, m, strict=True)],
+             "jsd": [(1 - beta) * a * (-math.log(a / c) + kl_m) for a, c in zip(p, m, strict=True)],
              "sampled": [adv * ((i == 0) - a) for i, a in enumerate(p)]}
 
     def cos(a, b):

@@ -252,3 +252,18 @@ def test_malformed_training_data_is_refused_before_anything_is_written(tiny_mode
     r = run_cli("train-prompts", "--model", str(tiny_model), "--data", str(bad), "--objective", "lm", "-o", str(out))
     assert r.returncode == 1 and r.stderr.decode().startswith(f"error: {bad}:2:") and not out.exists()
     assert not (tmp_path / "bank.safetensors.ckpt").exists()
+
+
+def test_kd_loss_compares_the_columns_both_models_have():
+    """A teacher whose output layer is padded past the shared tokenizer: the padding is not a token, so
+    equal logits on the real columns mean zero KL whatever the padded ones hold."""
+    from rechannel.ops.training import token_loss
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 30, generator=g)
+    teacher = torch.cat([student, torch.randn(2, 5, 6, generator=g) * 5], -1)  # (2, 5, 36)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    assert torch.allclose(token_loss("kd", student, ids, teacher), torch.zeros(2), atol=1e-6)
+    shifted = teacher.clone()
+    shifted[..., 3] += 2.0
+    assert (token_loss("kd", student, ids, shifted) > 1e-3).all()

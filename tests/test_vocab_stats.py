@@ -22,12 +22,12 @@ def _reference(zp: torch.Tensor, zq: torch.Tensor, y: torch.Tensor, beta: float)
     zp, zq = zp.double().cpu(), zq.double().cpu()
     lp, lq = zp.log_softmax(1), zq.log_softmax(1)
     p, q = lp.exp(), lq.exp()
-    lm = torch.log(beta * p + (1 - beta) * q)
+    lm = torch.log((1 - beta) * p + beta * q)  # β: the teacher's weight
     kl = (p * (lp - lq)).sum(1)
     kl_pm = (p * (lp - lm)).sum(1)
     e_y = torch.nn.functional.one_hot(y.cpu(), zp.shape[1]).double()
     g_rkl = p * (lq - lp + kl[:, None])
-    g_jsd = beta * p * (-(lp - lm) + kl_pm[:, None])
+    g_jsd = (1 - beta) * p * (-(lp - lm) + kl_pm[:, None])
     rest = 1 - e_y
     return {
         "lnorm_p": -lp.gather(1, y.cpu()[:, None])[:, 0], "lnorm_q": -lq.gather(1, y.cpu()[:, None])[:, 0], "kl_pq": kl, "kl_pm": kl_pm,
@@ -44,7 +44,7 @@ def _derived(out: torch.Tensor, y: torch.Tensor, beta: float) -> dict[str, torch
     p_y = 1 - o[:, COL["p_rest"]]
     return {
         "rkl_norm2": p_y ** 2 * o[:, COL["b_rkl"]] ** 2 + o[:, COL["n_rkl"]],
-        "jsd_norm2": beta ** 2 * (p_y ** 2 * o[:, COL["b_jsd"]] ** 2 + o[:, COL["n_jsd"]]),
+        "jsd_norm2": (1 - beta) ** 2 * (p_y ** 2 * o[:, COL["b_jsd"]] ** 2 + o[:, COL["n_jsd"]]),
         "sampled_norm2": o[:, COL["p_rest"]] ** 2 + o[:, COL["p2_rest"]],
     }
 

@@ -44,16 +44,16 @@ def _softplus(x):
 
 
 @triton.jit
-def _log_mix(lp, lq, log_b, log_1mb):
-    a = lp + log_b
-    b = lq + log_1mb
+def _log_mix(lp, lq, log_wp, log_wq):
+    a = lp + log_wp
+    b = lq + log_wq
     hi = tl.maximum(a, b)
     hi_safe = tl.where(hi == -float("inf"), 0.0, hi)
     return hi_safe + tl.log(tl.exp(a - hi_safe) + tl.exp(b - hi_safe))
 
 
 @triton.jit
-def _vocab_stats_kernel(zp_ptr, zq_ptr, y_ptr, out_ptr, v, stride_p, stride_q, log_b, log_1mb,
+def _vocab_stats_kernel(zp_ptr, zq_ptr, y_ptr, out_ptr, v, stride_p, stride_q, log_wp, log_wq,
                         NCOL: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0)
     row_p = t.to(tl.int64) * stride_p
@@ -88,7 +88,7 @@ def _vocab_stats_kernel(zp_ptr, zq_ptr, y_ptr, out_ptr, v, stride_p, stride_q, l
     lp_y = -sp_p
     lq_y = -sp_q
     a_rkl_y = lq_y - lp_y
-    a_jsd_y = lp_y - _log_mix(lp_y, lq_y, log_b, log_1mb)
+    a_jsd_y = lp_y - _log_mix(lp_y, lq_y, log_wp, log_wq)
     # pass 2: sums that need the log-normalisers
     kl_pq = tl.zeros((BLOCK,), tl.float32)
     kl_pm = tl.zeros((BLOCK,), tl.float32)
@@ -107,7 +107,7 @@ def _vocab_stats_kernel(zp_ptr, zq_ptr, y_ptr, out_ptr, v, stride_p, stride_q, l
         q = tl.where(valid, tl.exp(lq), 0.0)
         lp0 = tl.where(valid, lp, 0.0)
         lq0 = tl.where(valid, lq, 0.0)
-        lm0 = tl.where(valid, _log_mix(lp, lq, log_b, log_1mb), 0.0)
+        lm0 = tl.where(valid, _log_mix(lp, lq, log_wp, log_wq), 0.0)
         other = valid & (cols != y)
         po = tl.where(other, p, 0.0)
         kl_pq += p * (lp0 - lq0)
@@ -132,7 +132,7 @@ def _vocab_stats_kernel(zp_ptr, zq_ptr, y_ptr, out_ptr, v, stride_p, stride_q, l
         p = tl.where(other, tl.exp(lp), 0.0)
         lp0 = tl.where(other, lp, 0.0)
         lq0 = tl.where(other, lq, 0.0)
-        lm0 = tl.where(other, _log_mix(lp, lq, log_b, log_1mb), 0.0)
+        lm0 = tl.where(other, _log_mix(lp, lq, log_wp, log_wq), 0.0)
         d_rkl = tl.where(other, lq0 - lp0 - a_rkl_y - b_rkl_t, 0.0)
         d_jsd = tl.where(other, lp0 - lm0 - a_jsd_y - b_jsd_t, 0.0)
         n_rkl += p * p * d_rkl * d_rkl
@@ -164,6 +164,6 @@ def vocab_stats(zp: torch.Tensor, zq: torch.Tensor, y: torch.Tensor, beta: float
     if t == 0:
         return out
     y = y.to(device=zp.device, dtype=torch.int64).contiguous()
-    _vocab_stats_kernel[(t,)](zp, zq, y, out, v, zp.stride(0), zq.stride(0), math.log(beta), math.log1p(-beta),
+    _vocab_stats_kernel[(t,)](zp, zq, y, out, v, zp.stride(0), zq.stride(0), math.log1p(-beta), math.log(beta),
                               NCOL=len(COLUMNS), BLOCK=min(block, triton.next_power_of_2(v)))
     return out

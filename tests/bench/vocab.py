@@ -26,7 +26,7 @@ def eager(zp: torch.Tensor, zq: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The direct formulas, every [T, V] intermediate materialised in float32."""
     lp, lq = zp.float().log_softmax(-1), zq.float().log_softmax(-1)
     p, q = lp.exp(), lq.exp()
-    lm = torch.logaddexp(lp + math.log(BETA), lq + math.log1p(-BETA))
+    lm = torch.logaddexp(lp + math.log1p(-BETA), lq + math.log(BETA))
     rows = torch.arange(zp.shape[0], device=zp.device)
     other = torch.ones_like(p)
     other[rows, y] = 0
