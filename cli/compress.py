@@ -37,6 +37,9 @@ def _config(method: str, sparsity: float | None, pattern: str, quant: Any, targe
         raise UserError("--act-order is GPTQ's: it needs --method gptq")
     pat = parse_pattern(pattern)
     if pat.structured:
+        if sparsity is not None and abs(sparsity - pat.n / pat.m) > 1e-9:
+            raise UserError(f"--pattern {pattern} prunes {pat.n} of every {pat.m} weights ({pat.n / pat.m:g}); "
+                            f"--sparsity {sparsity} contradicts it: leave --sparsity out")
         sparsity = pat.n / pat.m
     elif sparsity is None:
         sparsity = 0.5

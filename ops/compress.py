@@ -50,7 +50,8 @@ class LayerReport:
     shape: tuple[int, int]
     sparsity: float  # achieved: zeros / entries
     rel_error: float | None  # ||WX - W'X|| / ||WX|| on calibration inputs, None without data
-    damping: float | None = None  # SparseGPT and GPTQ only
+    damping: float | None = None  # SparseGPT and GPTQ only: the relative damping finally used
+    damping_raised: bool = False  # the Cholesky failed at --percdamp and the damping was raised
     seconds: float = 0.0
 
 
@@ -67,7 +68,7 @@ class PruneReport:
                 "sparsity": zeros / entries if entries else 0.0,
                 "mean_rel_error": sum(errs) / len(errs) if errs else None,
                 "max_rel_error": max(errs) if errs else None,
-                "raised_damping": [r.name for r in self.layers if r.damping and r.damping > 0.01 + 1e-12]}
+                "raised_damping": [r.name for r in self.layers if r.damping_raised]}
 
 
 def needs_hessian(method: str) -> bool:
@@ -85,16 +86,14 @@ def prune_layer(layer: nn.Linear, stats: LayerStats | None, cfg: PruneConfig,
     w = layer.weight.data
     if cfg.method in PRUNERS:
         check_pattern(cfg.pattern, w.shape[1], name)
-    damping, qw = None, None
+    obs, qw = None, None  # obs: the damping report of SparseGPT and GPTQ
     if cfg.method == "sparsegpt":
         new_w, mask, obs, qw = sparsegpt(w, stats.hessian.to(w.device), cfg.sparsity, cfg.pattern,
                                          cfg.blocksize, cfg.percdamp, cfg.quant)
         w.copy_(new_w.to(w.dtype))
-        damping = obs.damping
     elif cfg.method == "gptq":
         qw, obs, new_w = gptq(w, stats.hessian.to(w.device), cfg.quant, cfg.blocksize, cfg.percdamp)
         w.copy_(new_w.to(w.dtype))
-        damping = obs.damping
     elif cfg.method == "rtn":
         qw = rtn(w, cfg.quant)
         w.copy_(qw.dequantize(w.dtype))
@@ -106,7 +105,8 @@ def prune_layer(layer: nn.Linear, stats: LayerStats | None, cfg: PruneConfig,
             qw = rtn(w, cfg.quant)
             w.copy_(qw.dequantize(w.dtype))
     achieved = (w == 0).float().mean().item()
-    return LayerReport(name, tuple(w.shape), achieved, None, damping, time.perf_counter() - t0), qw
+    return LayerReport(name, tuple(w.shape), achieved, None, obs and obs.damping, obs is not None and obs.retries > 0,
+                       time.perf_counter() - t0), qw
 
 
 class _ErrorMeter:

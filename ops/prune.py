@@ -111,7 +111,7 @@ def select_mask(weight: torch.Tensor, scale: torch.Tensor | None, sparsity: floa
 
 @dataclass
 class ObsReport:
-    damping: float  # the relative damping finally used (0.01 unless the Cholesky failed)
+    damping: float  # the relative damping finally used (percdamp unless the Cholesky failed)
     retries: int
 
 

@@ -116,6 +116,7 @@ def test_one_shot_from_stats_and_output_loads_in_plain_transformers(tiny_model, 
     (["--method", "wandaa"], "unknown method 'wandaa' (did you mean 'wanda'?)"),
     (["--method", "magnitude", "--pattern", "2;4"], "unknown pattern '2;4'"),
     (["--method", "magnitude", "--sparsity", "1.5"], "--sparsity 1.5: must be strictly between 0 and 1"),
+    (["--method", "magnitude", "--pattern", "2:4", "--sparsity", "0.7"], "--sparsity 0.7 contradicts it"),
     (["--method", "magnitude", "--pattern", "3:5"], "pattern 3:5 does not divide the input width 64"),
     (["--method", "wanda"], "needs calibration data"),
 ])

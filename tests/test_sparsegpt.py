@@ -83,3 +83,23 @@ def test_cholesky_failure_raises_the_damping_and_reports_it():
     assert report.retries >= 2 and report.damping == pytest.approx(0.01 * 10**report.retries)
     with pytest.raises(UserError, match="singular"):
         _inverse_cholesky(torch.tensor([[1.0, 0.0], [0.0, -1e9]]), 0.01)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "gptq"])
+def test_the_report_names_layers_whose_damping_was_raised_whatever_percdamp(method):
+    """raised_damping lists the layers whose Cholesky failed at --percdamp, not those above 0.01."""
+    from rechannel.ops.calibration import LayerStats
+    from rechannel.ops.compress import PruneConfig, PruneReport, prune_layer
+    from rechannel.ops.quant import QuantSpec
+
+    quant = QuantSpec(bits=4, group_size=-1) if method == "gptq" else None
+    indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])
+    cases = [(torch.eye(2), 0.1, False), (indefinite, 0.001, True)]
+    report = PruneReport()
+    for i, (h, percdamp, raised) in enumerate(cases):
+        layer = torch.nn.Linear(2, 4, bias=False)
+        cfg = PruneConfig(method, 0.0 if quant else 0.5, Pattern(), quant, percdamp=percdamp)
+        entry, _ = prune_layer(layer, LayerStats(torch.ones(2), h), cfg, f"layer{i}")
+        assert entry.damping_raised is raised and entry.damping >= percdamp
+        report.layers.append(entry)
+    assert report.totals()["raised_damping"] == ["layer1"]
