@@ -267,3 +267,25 @@ def test_kd_loss_compares_the_columns_both_models_have():
     shifted = teacher.clone()
     shifted[..., 3] += 2.0
     assert (token_loss("kd", student, ids, shifted) > 1e-3).all()
+
+
+@pytest.mark.parametrize("objective", ["kd", "lm"])
+def test_losses_in_token_chunks_equal_one_pass_with_gradients(objective, monkeypatch):
+    """The chunked, checkpointed loss gives the one-pass loss and gradient (float64 autograd reference)."""
+    import rechannel.ops.training as training
+
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(3, 7, 13, generator=g) * 3).requires_grad_(True)
+    teacher = torch.randn(3, 7, 13, generator=g) * 3
+    ids = torch.randint(0, 13, (3, 7), generator=g)
+    monkeypatch.setattr(training, "TOKEN_CHUNK", 4)  # 21 tokens: chunks of 4, the last of 1
+    (grad,) = torch.autograd.grad(token_loss(objective, logits, ids, teacher).sum(), logits)
+    z = logits.detach().double().requires_grad_(True)
+    if objective == "kd":
+        pt = teacher.double().softmax(-1)
+        ref = (pt * (pt.log() - z.log_softmax(-1))).sum(-1).mean(1)
+    else:
+        ref = -z.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).mean(1)
+    (want,) = torch.autograd.grad(ref.sum(), z)
+    torch.testing.assert_close(token_loss(objective, logits, ids, teacher).double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-6)
