@@ -178,6 +178,8 @@ align-compressed: install $(OUT)/$(ALIGN_STUDENT)/config.json
 	    --context reference $(ALIGN_ARGS) -o $(OUT)/align-$(ALIGN_STUDENT).json \
 	    --nodes $(OUT)/align-$(ALIGN_STUDENT).nodes.jsonl --plot $(OUT)/align-$(ALIGN_STUDENT)
 
+# bench-eval installs lm-evaluation-harness from the package index: offline, run `make bench-kernels bench-route`.
+# Each script appends its tables to bench-latest.md; BENCHMARKS.md keeps the recorded runs.
 bench: bench-kernels bench-eval bench-route
 
 # The Triton kernels against the torch path: needs a CUDA GPU, skipped (with a note) without one
