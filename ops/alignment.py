@@ -41,9 +41,15 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float((a @ b).item() / (na * nb))
 
 
+def log_on_k(lp: torch.Tensor) -> torch.Tensor:
+    """(K,) full-vocabulary log-probabilities -> the log-probabilities renormalised on K (finite even where
+    the probability underflows to 0, so log q − log p never meets −inf)."""
+    return lp - torch.logsumexp(lp, 0)
+
+
 def on_k(lp: torch.Tensor) -> torch.Tensor:
     """(K,) full-vocabulary log-probabilities -> the probabilities renormalised on K."""
-    return (lp - torch.logsumexp(lp, 0)).exp()
+    return log_on_k(lp).exp()
 
 
 def deviation(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -84,9 +90,10 @@ def gradients_on_k(p: torch.Tensor, q: torch.Tensor, lp: torch.Tensor, lq: torch
 def on_candidates(lp: torch.Tensor, lq: torch.Tensor, s: torch.Tensor, beta: float) -> dict:
     """Alignments and teacher advantage on K from the full-vocabulary log-probabilities of the candidates
     (index 0 is y) and their S."""
-    p, q = on_k(lp), on_k(lq)
+    lpk, lqk = log_on_k(lp), log_on_k(lq)
+    p, q = lpk.exp(), lqk.exp()
     _, ideal = value_and_ideal(p, s)
-    grads = gradients_on_k(p, q, p.log(), q.log(), float(lq[0] - lp[0]), beta)
+    grads = gradients_on_k(p, q, lpk, lqk, float(lq[0] - lp[0]), beta)
     return {"align": {name: cosine(ideal, g) for name, g in grads.items()},
             "advantage": float(((q[1:] - p[1:]) * (s[1:] - s[0])).sum())}  # ⟨q − p, S⟩: Σ (q − p) = 0 on K
 

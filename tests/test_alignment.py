@@ -216,3 +216,14 @@ def kernel_vocab_stats(zp, zq, y, beta):
     from rechannel.triton_kernels.vocab_stats import vocab_stats
 
     return vocab_stats(zp, zq, y, beta).cpu()
+
+
+def test_a_candidate_whose_probability_underflows_keeps_the_cosines_finite():
+    """A teacher's top token the student gives e^-900 (0 in float64): its log-probability stays finite,
+    so the cosines equal those at e^-700, where nothing underflows, instead of turning into NaN."""
+    s = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)
+    lq = torch.tensor([-1.0, -0.5, -3.0], dtype=torch.float64)
+    far = on_candidates(torch.tensor([-0.1, -2.4, -900.0], dtype=torch.float64), lq, s, BETA)
+    near = on_candidates(torch.tensor([-0.1, -2.4, -700.0], dtype=torch.float64), lq, s, BETA)
+    for name in ("rkl", "fkl", "jsd", "sampled"):
+        assert math.isfinite(far["align"][name]) and far["align"][name] == pytest.approx(near["align"][name], abs=1e-12)
