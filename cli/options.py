@@ -34,7 +34,9 @@ def load_teacher(spec: str, lm: Any, device: str, dtype: str, trust_remote_code:
     if teacher.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
         raise UserError(f"the teacher {spec!r} has another vocabulary than the model; teacher and student "
                         "distributions are compared token by token, so both must share one tokenizer")
-    widths = [m.get_output_embeddings().weight.shape[0] for m in (lm.model, teacher.model)]
+    from rechannel.ops.align import logit_width
+
+    widths = [logit_width(m) for m in (lm.model, teacher.model)]
     if min(widths) < len(lm.tokenizer):
         raise UserError(f"the teacher {spec!r} outputs {widths[1]} logits and the model {widths[0]}, fewer than "
                         f"the tokenizer's {len(lm.tokenizer)} tokens")
