@@ -14,7 +14,7 @@ from rechannel.ops.errors import UserError
 
 
 def _config(method: str, sparsity: float | None, pattern: str, quant: Any, targets: str, blocksize: int,
-            percdamp: float, batch_size: int, error_tokens: int) -> Any:
+            percdamp: float, batch_size: int, error_tokens: int, true_sequential: bool = False) -> Any:
     """Validate every option before the model loads: a bad one is a one-line error and nothing is written."""
     from rechannel.ops.compress import PRUNERS, PruneConfig
     from rechannel.ops.errors import unknown_choice
@@ -32,7 +32,7 @@ def _config(method: str, sparsity: float | None, pattern: str, quant: Any, targe
         if quant.act_order and method == "rtn":
             raise UserError("--act-order orders GPTQ's columns by calibration statistics: it needs --method gptq")
         return PruneConfig(method, 0.0, parse_pattern("unstructured"), quant, targets, blocksize, percdamp,
-                           batch_size, error_tokens)
+                           batch_size, error_tokens, true_sequential)
     if quant is not None and quant.act_order:
         raise UserError("--act-order is GPTQ's: it needs --method gptq")
     pat = parse_pattern(pattern)
@@ -45,7 +45,8 @@ def _config(method: str, sparsity: float | None, pattern: str, quant: Any, targe
         sparsity = 0.5
     elif not 0 < sparsity < 1:
         raise UserError(f"--sparsity {sparsity}: must be strictly between 0 and 1")
-    return PruneConfig(method, sparsity, pat, quant, targets, blocksize, percdamp, batch_size, error_tokens)
+    return PruneConfig(method, sparsity, pat, quant, targets, blocksize, percdamp, batch_size, error_tokens,
+                       true_sequential)
 
 
 def _quant_spec(bits: int | None, group_size: int, sym: bool, act_order: bool, static_groups: bool,
@@ -110,6 +111,7 @@ def compress_command(
     calib: Annotated[str | None, typer.Option(help="Calibration JSONL: windows drawn here, sequential protocol.")] = None,
     stats: Annotated[str | None, typer.Option(help="A `calibrate` output: one-shot from its dense statistics.")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="With --stats: rerun the sequential protocol on its stored windows.")] = False,
+    true_sequential: Annotated[bool, typer.Option("--true-sequential", help="Sequential inside each block too, as GPTQ's option: [q,k,v], then o, then [gate,up], then down, each calibrated through the layers already compressed.")] = False,
     field: Field = "text",
     docs: Docs = "",
     samples: Samples = 128,
@@ -158,9 +160,12 @@ def compress_command(
 
     t0 = time.perf_counter()
     quant, out_format = _quant_spec(bits, group_size, sym, act_order, static_groups, fmt)
-    cfg = _config(method, sparsity, pattern, quant, targets, blocksize, percdamp, batch_size, error_tokens)
+    cfg = _config(method, sparsity, pattern, quant, targets, blocksize, percdamp, batch_size, error_tokens,
+                  true_sequential)
     if calib and stats:
         raise UserError("give --calib or --stats, not both")
+    if true_sequential and not (calib or (stats and sequential)):
+        raise UserError("--true-sequential refines the sequential protocol: give --calib, or --stats with --sequential")
     if needs_data(method) and not (calib or stats):
         what = "--act-order and GPTQ need" if act_order else f"--method {method} needs"
         raise UserError(f"{what} calibration data: --calib FILE.jsonl or --stats FILE.safetensors")
@@ -181,7 +186,8 @@ def compress_command(
         else:
             report = prune_one_shot(lm.model, one_shot_stats or {}, cfg, on_block=tick)
     entry = {"method": method, "sparsity": cfg.sparsity, "pattern": str(cfg.pattern),
-             "protocol": "sequential" if run_sequential else "one-shot", "targets": targets,
+             "protocol": ("true-sequential" if true_sequential else "sequential") if run_sequential else "one-shot",
+             "targets": targets,
              "calibration": calib_desc, "source": {"model": model, "fingerprint": lm.fingerprint}}
     if method in ("sparsegpt", "gptq"):
         entry.update(blocksize=blocksize, percdamp=percdamp)

@@ -151,9 +151,9 @@ class Diagnosis:
         gen = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + q.index)
         prompt = self.student.prompt(q.record)
         state = prompt_state(self.student.model, prompt)
-        first = draw(state[0][None], cfg.temperature, gen, n=cfg.rollouts)[0]  # (R,)
+        first = draw(state[0][None, :self.width], cfg.temperature, gen, n=cfg.rollouts)[0]  # (R,)
         rollouts = continue_rows(self.student.model, state[1], len(prompt), first, cfg.max_new_tokens,
-                                 cfg.temperature, self.stop_ids, gen, cfg.max_batch)
+                                 cfg.temperature, self.stop_ids, gen, cfg.max_batch, self.width)
         correct = [self.correct(r, q.record) for r in rollouts]
         rate = sum(correct) / len(correct)
         head = {"kind": "question", "question": q.qid, "index": q.index, "pass_rate": rate,
@@ -199,7 +199,7 @@ class Diagnosis:
         c = self.cfg.continuations
         first = torch.tensor(cands, device=self.device).repeat_interleave(c)  # (|K| C,)
         rows = continue_rows(self.student.model, kv, length + t, first, self.cfg.max_new_tokens - t,
-                             self.cfg.temperature, self.stop_ids, gen, self.cfg.max_batch)
+                             self.cfg.temperature, self.stop_ids, gen, self.cfg.max_batch, self.width)
         ok = torch.tensor([self.correct(rollout[:t] + row, record) for row in rows], dtype=torch.float64)
         return ok.view(len(cands), c).mean(1)  # (|K|,)
 

@@ -164,6 +164,38 @@ def collect_block_stats(block: nn.Module, inputs: BlockInputs, targets: dict[str
     return recorder.stats, outputs
 
 
+@torch.inference_mode()
+def input_groups(block: nn.Module, inputs: BlockInputs, targets: dict[str, nn.Linear]) -> list[list[str]]:
+    """The targets grouped by the input they share, in the order the block's forward calls them: for a
+    Llama block [q, k, v], [o], [gate, up], [down]. GPTQ's true-sequential protocol compresses one group
+    at a time, each calibrated on inputs computed through the groups already compressed. Found by running
+    the first batch once."""
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def record(name: str, x: torch.Tensor) -> None:
+        seen.append((name, x))
+        if len(seen) == len(targets):
+            raise StopForward
+
+    handles = [layer.register_forward_pre_hook(lambda mod, args, n=name: record(n, args[0]))
+               for name, layer in targets.items()]
+    first = BlockInputs(inputs.hidden[:1], inputs.kwargs[:1])
+    try:
+        feed_block(block, first)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, x in seen:
+        same = next((g for t, g in groups if t is x), None)
+        if same is None:
+            groups.append((x, [name]))
+        else:
+            same.append(name)
+    missed = set(targets) - {n for n, _ in seen}
+    return [g for _, g in groups] + [[n] for n in targets if n in missed]  # never called: compressed last
+
+
 @dataclass
 class CalibrationResult:
     stats: dict[str, LayerStats] = field(default_factory=dict)  # key: "layers.{i}.{name}"

@@ -8,7 +8,9 @@ de-quantized value at once, so later blocks are calibrated on what the packed mo
 Sequential (the reference protocol for Wanda and SparseGPT): for each block, collect the statistics of its
 Linear inputs from the outputs of the already-pruned blocks before it, prune every target layer, then run
 the pruned block again to produce the next block's inputs, measuring each layer's relative output error
-||WX - W'X|| / ||WX|| on the inputs it sees there (the first `error_tokens` of them). One-shot: prune
+||WX - W'X|| / ||WX|| on the inputs it sees there (the first `error_tokens` of them). True-sequential
+(GPTQ's `--true-sequential`): within a block too, one group of layers sharing an input at a time ([q, k, v],
+[o], [gate, up], [down]), each group's statistics taken with the groups before it already compressed. One-shot: prune
 every layer from dense statistics (a `calibrate` file); the error then comes from H when the file has it (tr(dW H dW^T) / tr(W H W^T)).
 """
 
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from rechannel.ops.blocks import BlockInputs, capture_first_inputs, decoder_blocks, run_block
-from rechannel.ops.calibration import LayerStats, collect_block_stats, select_targets
+from rechannel.ops.calibration import LayerStats, collect_block_stats, input_groups, select_targets
 from rechannel.ops.prune import Pattern, check_pattern, select_mask, sparsegpt
 from rechannel.ops.qlinear import QuantLinear
 from rechannel.ops.quant import QuantizedWeight, QuantSpec, gptq, rtn
@@ -42,6 +44,7 @@ class PruneConfig:
     percdamp: float = 0.01
     batch_size: int = 8
     error_tokens: int = 4096  # calibration tokens the relative output error is measured on (the first ones)
+    true_sequential: bool = False  # sequential within a block too: one input group at a time (GPTQ's option)
 
 
 @dataclass
@@ -153,13 +156,17 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor, cfg: PruneConfig,
     paths = _module_paths(model)
     for i, block in enumerate(decoder_blocks(model)):
         layers = select_targets(block, cfg.targets)
-        stats, _ = collect_block_stats(block, inputs, layers, needs_hessian(cfg.method), need_outputs=False)
         dense = {n: layer.weight.data.clone() for n, layer in layers.items()}
+        groups = input_groups(block, inputs, layers) if cfg.true_sequential else [list(layers)]
         reports = {}
-        for n, layer in layers.items():
-            reports[n], qw = prune_layer(layer, stats[n], cfg, f"layers.{i}.{n}")
-            _keep(report, paths[id(layer)], qw)
-        del stats
+        for group in groups:
+            subset = {n: layers[n] for n in group}
+            stats, _ = collect_block_stats(block, inputs, subset, needs_hessian(cfg.method), need_outputs=False)
+            for n, layer in subset.items():
+                reports[n], qw = prune_layer(layer, stats[n], cfg, f"layers.{i}.{n}")
+                _keep(report, paths[id(layer)], qw)
+            del stats
+        reports = {n: reports[n] for n in layers}  # the report lists layers in the block's order
         inputs, errors = _run_measuring(block, inputs, dense, layers, cfg.error_tokens)
         for n, r in reports.items():
             r.rel_error = errors[n]

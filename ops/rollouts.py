@@ -41,22 +41,26 @@ def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator, n
 
 def continue_rows(model: Any, prefix: list[LayerKV], length: int, first: torch.Tensor, max_new: int,
                   temperature: float, stop_ids: set[int], generator: torch.Generator,
-                  max_rows: int | None = None) -> list[list[int]]:
+                  max_rows: int | None = None, width: int | None = None) -> list[list[int]]:
     """Rows = copies of the cached prefix (its first `length` positions); row i starts with token first[i]
     and decodes up to `max_new` tokens in all, stopping after a stop token (kept). first: (B,).
 
     At most `max_rows` rows decode together (None: all): each row holds its own copy of the prefix's cache,
     so on a large model the batch, not the model, can set the memory. The rows of later chunks draw from
-    the generator after those of earlier ones: the samples depend on max_rows, not only on the seed."""
+    the generator after those of earlier ones: the samples depend on max_rows, not only on the seed.
+    Tokens are drawn from the first `width` logits only (None: all), so a student whose logit matrix is
+    padded wider than a teacher's never samples an id the teacher has no logit for."""
     size = max_rows or max(1, first.shape[0])
     out: list[list[int]] = []
     for i in range(0, first.shape[0], size):
-        out += _decode_rows(model, prefix, length, first[i:i + size], max_new, temperature, stop_ids, generator)
+        out += _decode_rows(model, prefix, length, first[i:i + size], max_new, temperature, stop_ids, generator,
+                            width)
     return out
 
 
 def _decode_rows(model: Any, prefix: list[LayerKV], length: int, first: torch.Tensor, max_new: int,
-                 temperature: float, stop_ids: set[int], generator: torch.Generator) -> list[list[int]]:
+                 temperature: float, stop_ids: set[int], generator: torch.Generator,
+                 width: int | None) -> list[list[int]]:
     rows = first.shape[0]
     kv = [(k[:, :, :length].repeat(rows, 1, 1, 1), v[:, :, :length].repeat(rows, 1, 1, 1)) for k, v in prefix]
     stops = torch.tensor(sorted(stop_ids), device=first.device)
@@ -70,7 +74,7 @@ def _decode_rows(model: Any, prefix: list[LayerKV], length: int, first: torch.Te
                 break
             out = model(input_ids=last[:, None], use_cache=True, **cache_keyword(model, build_cache(kv)))
             kv = layer_kv(returned_cache(out))
-            last = draw(out.logits[:, -1], temperature, generator)[:, 0]  # (A,)
+            last = draw(out.logits[:, -1, :width], temperature, generator)[:, 0]  # (A,)
             for i, t in zip(active.tolist(), last.tolist(), strict=True):
                 out_rows[i].append(t)
             going = ~torch.isin(last, stops)

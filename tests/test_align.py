@@ -265,6 +265,27 @@ def test_continuations_in_smaller_batches_decode_the_same_rows(tiny_model):
     assert rows(2, 1.0, seed=7) == one_by_one
 
 
+def test_sampling_stays_inside_the_width_shared_with_the_teachers(tmp_path):
+    """A student padded wider than its teacher: its padding logits made the largest, sampling would pick them;
+    drawn within the shared width it never does (the teacher has no logit for those ids)."""
+    from transformers import AutoModelForCausalLM
+
+    from rechannel.ops.align import prompt_state
+    from rechannel.ops.rollouts import continue_rows
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "wide", pad_vocab=16)).eval()
+    width = model.config.vocab_size - 16
+    pads = torch.arange(width, model.config.vocab_size)
+    model.lm_head.register_forward_hook(lambda mod, args, out: out.index_fill(-1, pads, 30.0))  # padding wins
+    ids = [1, 5, 9, 13]
+    _, kv = prompt_state(model, ids)
+    first = torch.tensor([3] * 8)
+    free = continue_rows(model, kv, len(ids), first, 5, 1.0, set(), torch.Generator().manual_seed(0))
+    bounded = continue_rows(model, kv, len(ids), first, 5, 1.0, set(), torch.Generator().manual_seed(0), None, width)
+    assert any(t >= width for row in free for t in row[1:])
+    assert all(t < width for row in bounded for t in row) and all(len(row) == 5 for row in bounded)
+
+
 def test_max_batch_is_recorded_and_runs(tiny_model, questions, tmp_path):
     r = _align(tiny_model, questions, tmp_path / "m.json", "--max-batch", "3", "--budget", "2", "--limit", "1")
     assert r.returncode == 0, r.stderr.decode()

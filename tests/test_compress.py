@@ -92,6 +92,11 @@ def test_stats_sequential_reuses_the_stored_windows(tiny_model, docs_file, stats
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a["protocol"] == b["protocol"] == "sequential"
     assert a["totals"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    c = _compress(tiny_model, tmp_path / "c", "--method", "sparsegpt", "--stats", str(stats_h), "--sequential",
+                  "--true-sequential")
+    assert c["protocol"] == "true-sequential" and json.loads((tmp_path / "c" / "config.json").read_text())[
+        "rechannel"]["protocol"] == "true-sequential"
+    assert [r["name"] for r in c["layers"]] == [r["name"] for r in b["layers"]]
 
 
 def test_one_shot_from_stats_and_output_loads_in_plain_transformers(tiny_model, stats_h, tmp_path):
@@ -119,6 +124,7 @@ def test_one_shot_from_stats_and_output_loads_in_plain_transformers(tiny_model, 
     (["--method", "magnitude", "--pattern", "2:4", "--sparsity", "0.7"], "--sparsity 0.7 contradicts it"),
     (["--method", "magnitude", "--pattern", "3:5"], "pattern 3:5 does not divide the input width 64"),
     (["--method", "wanda"], "needs calibration data"),
+    (["--method", "magnitude", "--true-sequential"], "--true-sequential refines the sequential protocol"),
 ])
 def test_bad_options_exit_1_and_write_nothing(tiny_model, tmp_path, args, message):
     out = tmp_path / "out"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import make_docs, run_cli
-from rechannel.ops.blocks import decoder_blocks, linear_layers
-from rechannel.ops.calibration import draw_windows, new_stats
+from rechannel.ops.blocks import capture_first_inputs, decoder_blocks, linear_layers
+from rechannel.ops.calibration import draw_windows, input_groups, new_stats
 from rechannel.ops.compress import PruneConfig, prune_sequential
 from rechannel.ops.models import load_model
 from rechannel.ops.prune import Pattern, sparsegpt
@@ -98,26 +98,65 @@ def test_quantlinear_forward_equals_linear_on_its_weight():
     assert torch.equal(layer.quantized().codes, qw.codes)
 
 
-def test_sequential_gptq_quantizes_each_block_on_quantized_inputs(tiny_model):
-    """The driver against a plain loop: block by block, H from the already-quantized model's activations."""
+LLAMA_GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def reference_sequential_gptq(model, windows, spec, groups):
+    """A plain loop: block by block and, within a block, group by group (all layers at once, or GPTQ's
+    true-sequential groups), H from full forwards of the model as compressed so far."""
+    for block in decoder_blocks(model):
+        layers = linear_layers(block)
+        for group in groups or [list(layers)]:
+            stats = {n: new_stats(layers[n], hessian=True) for n in group}
+            hooks = [layers[n].register_forward_pre_hook(lambda mod, a, s=stats[n]: s.add(a[0])) for n in group]
+            with torch.no_grad():
+                model(windows)
+            for h in hooks:
+                h.remove()
+            for n in group:
+                layers[n].weight.data = gptq(layers[n].weight.data, stats[n].hessian, spec)[2]
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_sequential_gptq_quantizes_each_block_on_quantized_inputs(tiny_model, true_sequential):
+    """The driver against a plain loop: block by block (and with true-sequential, group by group), H from the
+    already-quantized model's activations."""
     ours = load_model(str(tiny_model), device="cpu")
     ref = load_model(str(tiny_model), device="cpu")
     windows = draw_windows(make_docs(), ours.tokenizer, 4, 32, 0)
     spec = QuantSpec(4, 16)
-    report = prune_sequential(ours.model, windows, PruneConfig("gptq", 0.0, Pattern(), spec, batch_size=4))
-    for block in decoder_blocks(ref.model):
-        layers = linear_layers(block)
-        stats = {n: new_stats(m, hessian=True) for n, m in layers.items()}
-        hooks = [m.register_forward_pre_hook(lambda mod, a, s=stats[n]: s.add(a[0])) for n, m in layers.items()]
-        with torch.no_grad():
-            ref.model(windows)
-        for h in hooks:
-            h.remove()
-        for n, m in layers.items():
-            m.weight.data = gptq(m.weight.data, stats[n].hessian, spec)[2]
+    cfg = PruneConfig("gptq", 0.0, Pattern(), spec, batch_size=4, true_sequential=true_sequential)
+    report = prune_sequential(ours.model, windows, cfg)
+    reference_sequential_gptq(ref.model, windows, spec, LLAMA_GROUPS if true_sequential else None)
     for (name, a), (_, b) in zip(ours.model.named_parameters(), ref.model.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     assert len(report.quantized) == 14 and all(0 < r.rel_error < 1 for r in report.layers)
+    assert [r.name.split(".", 2)[2] for r in report.layers[:7]] == list(linear_layers(decoder_blocks(ours.model)[0]))
+
+
+def test_true_sequential_groups_layers_by_shared_input_in_call_order(tiny_model):
+    lm = load_model(str(tiny_model), device="cpu")
+    windows = draw_windows(make_docs(), lm.tokenizer, 2, 16, 0)
+    block = decoder_blocks(lm.model)[0]
+    inputs = capture_first_inputs(lm.model, windows, 2)
+    assert input_groups(block, inputs, linear_layers(block)) == LLAMA_GROUPS
+    picked = {n: m for n, m in linear_layers(block).items() if n.endswith(("v_proj", "down_proj", "up_proj"))}
+    assert input_groups(block, inputs, picked) == [["self_attn.v_proj"], ["mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_true_sequential_changes_what_later_groups_are_calibrated_on(tiny_model):
+    """o_proj's H comes from attention through the quantized q, k, v: the result differs from the plain
+    protocol's in o_proj but not in q, k, v (whose inputs are the same in both)."""
+    plain = load_model(str(tiny_model), device="cpu")
+    true = load_model(str(tiny_model), device="cpu")
+    windows = draw_windows(make_docs(), plain.tokenizer, 4, 32, 0)
+    for lm, flag in ((plain, False), (true, True)):
+        prune_sequential(lm.model, windows, PruneConfig("gptq", 0.0, Pattern(), QuantSpec(4, 16), batch_size=4,
+                                                        true_sequential=flag))
+    a, b = (linear_layers(decoder_blocks(lm.model)[0]) for lm in (plain, true))
+    assert torch.equal(a["self_attn.q_proj"].weight, b["self_attn.q_proj"].weight)
+    assert not torch.equal(a["self_attn.o_proj"].weight, b["self_attn.o_proj"].weight)
 
 
 def test_joint_sparsegpt_quantization_keeps_pruned_weights_at_zero():
