@@ -75,7 +75,7 @@ def _window_prompts(lm: Any, cond: Any):
     """windows (B, T) -> their soft prompts (B, P, d): each window routed on its own text."""
     if cond.prompts is None:
         return None
-    return lambda ids: cond.prompts[[cond.route(lm.tokenizer.decode(w)) for w in ids.tolist()]]
+    return lambda ids: cond.prompts[cond.rows([lm.tokenizer.decode(w) for w in ids.tolist()], [])]
 
 
 def _run_ppl(lm: Any, task: Any, text: str, seqlen: int, stride: int | None, limit: int | None, batch_size: int,

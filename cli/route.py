@@ -2,38 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from rechannel.cli import options
 from rechannel.ops.errors import unknown_choice
-
-
-def _batches(lengths: list[int], size: int) -> list[list[int]]:
-    """Indices in batches of at most `size` inputs of similar length (less padding)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + size] for i in range(0, len(order), size)]
-
-
-def route_records(lm: Any, bank: Any, texts: list[str], by: str, layers: list[int], batch_size: int,
-                  advance) -> list[tuple[int, list[float]]]:
-    """(chosen prompt, scores) per text, in input order."""
-    from rechannel.ops.loglik import pad_rows
-    from rechannel.ops.routing import bank_kv, route
-
-    kv = bank_kv(lm.model, bank)
-    fallback = lm.tokenizer.eos_token_id
-    ids = [lm.tokenizer(t, add_special_tokens=False).input_ids or [fallback] for t in texts]
-    out: list[Any] = [None] * len(texts)
-    for chunk in _batches([len(x) for x in ids], batch_size):
-        rows = [ids[i] for i in chunk]
-        batch, mask = pad_rows(rows, max(len(r) for r in rows), lm.tokenizer.pad_token_id or 0)
-        chosen, scores = route(lm.model, kv, batch, mask, by, layers)
-        for i, k, s in zip(chunk, chosen.tolist(), scores.tolist(), strict=True):
-            out[i] = (k, [round(v, 6) for v in s])
-        advance(len(chunk))
-    return out
 
 
 def route_command(
@@ -66,7 +40,7 @@ def route_command(
     from rechannel.cli.jsonl import JsonlWriter
     from rechannel.ops.blocks import decoder_blocks
     from rechannel.ops.records import read_jsonl
-    from rechannel.ops.routing import BY, parse_layers
+    from rechannel.ops.routing import BY, bank_kv, parse_layers, route_rows, routing_ids
 
     if by not in BY:
         raise unknown_choice("by", by, BY)
@@ -77,8 +51,9 @@ def route_command(
     picked = parse_layers(layers, len(decoder_blocks(lm.model)))
     with progress() as bar:
         task = bar.add_task(f"routing by {by}", total=len(texts))
-        routes = route_records(lm, bank, texts, by, picked, batch_size, lambda n: bar.advance(task, n))
+        routes = route_rows(lm.model, bank_kv(lm.model, bank), routing_ids(lm.tokenizer, texts), by, picked,
+                            batch_size, lm.tokenizer.pad_token_id or 0, lambda n: bar.advance(task, n))
     with JsonlWriter(output) as out:
         for rec, (k, scores) in zip(records, routes, strict=True):
-            info = {"prompt": k, "scores": scores, "by": by, **({"layers": picked} if by == "attention" else {})}
+            info = {"prompt": k, "scores": [round(v, 6) for v in scores], "by": by, **({"layers": picked} if by == "attention" else {})}
             out.write({**rec.data, "route": info})

@@ -29,15 +29,19 @@ class Conditioning:
     """The soft prompts (K, P, d) in front of each example, and which one each example gets."""
 
     prompts: torch.Tensor | None = None
-    route: Callable[[str], int | None] = field(default=lambda text: None)  # example text -> bank row
+    route: Callable[[Sequence[str]], list[int | None]] = field(default=lambda texts: [None] * len(texts))
     from_records: bool = False  # take each example's row from its record (`rechannel route` output)
 
-    def row(self, text: str, example: Any) -> int | None:
-        """The bank row in front of `example` (whose routed text is `text`), None without a bank."""
+    def rows(self, texts: Sequence[str], examples: Sequence[Any]) -> list[int | None]:
+        """The bank row in front of each example (whose routed text is texts[i]), all routed together
+        (in batches); None without a bank."""
         if self.prompts is None:
-            return None
+            return [None] * len(texts)
         if not self.from_records:
-            return self.route(text)
+            return self.route(texts)
+        return [self._recorded(ex) for ex in examples]
+
+    def _recorded(self, example: Any) -> int:
         if example.routed is None:
             raise UserError(f"--route record: example {example.id} has no 'route' (run `rechannel route` on the file)")
         if example.routed >= len(self.prompts):
@@ -69,8 +73,8 @@ def _units(tokenizer: Any, examples: Sequence[ChoiceExample], cond: Conditioning
     the (unit, row) that scores it."""
     units: list[ScoreUnit] = []
     where: list[list[tuple[int, int]]] = []
-    for ex in examples:
-        prompt = cond.row(ex.contexts[0], ex)
+    prompts = cond.rows([ex.contexts[0] for ex in examples], examples)
+    for ex, prompt in zip(examples, prompts, strict=True):
         pairs = [encode_pair(tokenizer, c, k) for c, k in zip(ex.contexts, ex.continuations, strict=True)]
         made, slots = share_prefix(pairs, prompt)
         where.append([(len(units) + u, r) for u, r in slots])
@@ -150,7 +154,7 @@ def run_qa_task(model: nn.Module, tokenizer: Any, task: str, examples: Sequence[
                 cond: Conditioning, on_progress: Progress | None = None) -> TaskRun:
     """Closed-book QA: greedy generation until a newline, exact match and F1 against every alias."""
     t0 = time.perf_counter()
-    routes = [cond.row(ex.prompt, ex) for ex in examples]
+    routes = cond.rows([ex.prompt for ex in examples], examples)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))
     answers: list[str] = [""] * len(examples)
     tokens = 0
@@ -180,9 +184,9 @@ def attention_profile(model: nn.Module, tokenizer: Any, examples: Sequence[Choic
     from rechannel.ops.routing import prefix_attention
 
     total = None
-    for ex in examples:
+    rows = cond.rows([ex.contexts[0] for ex in examples], examples)
+    for ex, row in zip(examples, rows, strict=True):
         ids = torch.tensor([encode_pair(tokenizer, ex.contexts[0], ex.continuations[0])[0]])  # (1, T)
-        row = cond.row(ex.contexts[0], ex)
         soft = cond.prompts[[row]] if row is not None else None  # (1, P, d)
         mass = prefix_attention(model, ids, torch.ones_like(ids), soft)
         total = mass if total is None else total + mass

@@ -10,7 +10,7 @@ ops/routing.py for these two) and `record` (the prompt a record's `route` field 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,14 +61,16 @@ def peft_prompt_config(prompt: torch.Tensor, config, base: str) -> dict:
 
 
 def router(route: Route, model=None, tokenizer=None, bank: torch.Tensor | None = None,
-           layers: tuple[int, ...] = (0,)) -> Callable[[str], int | None]:
-    """Example text -> bank row. attention and entropy run the model on the text (its tokens as
-    `encode_pair` makes them, no special tokens) with the bank's keys and values cached once."""
+           layers: tuple[int, ...] = (0,)) -> Callable[[Sequence[str]], list[int | None]]:
+    """Example texts -> their bank rows. attention and entropy run the model on the texts (their tokens as
+    `encode_pair` makes them, no special tokens), in batches, with the bank's keys and values cached once."""
     if route.kind == "fixed":
-        return lambda text: route.index
+        return lambda texts: [route.index] * len(texts)
     if route.kind in ("attention", "entropy"):
-        from rechannel.ops.routing import bank_kv, choose
+        from rechannel.ops.routing import bank_kv, route_rows, routing_ids
 
         kv = bank_kv(model, bank)
-        return lambda text: choose(model, tokenizer, kv, text, route.kind, layers)
-    return lambda text: None
+        pad = tokenizer.pad_token_id or 0
+        return lambda texts: [k for k, _ in route_rows(model, kv, routing_ids(tokenizer, texts), route.kind, layers,
+                                                       pad_id=pad)]
+    return lambda texts: [None] * len(texts)

@@ -14,7 +14,7 @@ model's next-token distributions have the lowest mean entropy: M passes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -24,6 +24,7 @@ from torch import nn
 from rechannel.ops.blocks import StopForward, decoder_blocks
 from rechannel.ops.errors import UserError
 from rechannel.ops.kvcache import LayerKV, build_cache, cache_keyword, layer_kv, returned_cache
+from rechannel.ops.loglik import pad_rows
 
 BY = ("attention", "entropy")
 
@@ -170,13 +171,28 @@ def route(model: nn.Module, kv: BankKV, ids: torch.Tensor, mask: torch.Tensor, b
     return scores.argmin(1), scores
 
 
-def choose(model: nn.Module, tokenizer, kv: BankKV, text: str, by: str, layers: Sequence[int]) -> int:
-    """The prompt `route` picks for one text (its tokens without special tokens, as eval encodes contexts)."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids  # (1, T)
-    if ids.shape[1] == 0:
-        ids = torch.tensor([[tokenizer.eos_token_id]])
-    chosen, _ = route(model, kv, ids, torch.ones_like(ids), by, layers)
-    return int(chosen[0])
+def routing_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The tokens routing reads for each text: as eval encodes contexts (no special tokens); an empty text
+    becomes the end-of-sequence token, so every input has something to attend from."""
+    return [tokenizer(t, add_special_tokens=False).input_ids or [tokenizer.eos_token_id] for t in texts]
+
+
+def route_rows(model: nn.Module, kv: BankKV, rows: Sequence[Sequence[int]], by: str, layers: Sequence[int],
+               batch_size: int = 16, pad_id: int = 0,
+               advance: Callable[[int], None] | None = None) -> list[tuple[int, list[float]]]:
+    """(chosen prompt, scores) for every token row, in input order; rows run `batch_size` at a time, sorted
+    by length so that little of a batch is padding."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: list[tuple[int, list[float]]] = [(0, [])] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = pad_rows([rows[i] for i in chunk], max(len(rows[i]) for i in chunk), pad_id)
+        chosen, scores = route(model, kv, ids, mask, by, layers)
+        for i, k, sc in zip(chunk, chosen.tolist(), scores.tolist(), strict=True):
+            out[i] = (k, sc)
+        if advance:
+            advance(len(chunk))
+    return out
 
 
 @torch.no_grad()

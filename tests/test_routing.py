@@ -15,6 +15,7 @@ from rechannel.ops.routing import (
     parse_layers,
     prompted_logits,
     route,
+    route_rows,
 )
 
 M, P = 3, 5
@@ -144,3 +145,20 @@ def test_prefix_attention_equals_transformers_attention_weights(lm, bank):
         out = lm.model(input_ids=ids, attention_mask=mask, output_attentions=True)
     want = [((w[:, :, :, 0].double().mean(1) * mask).sum() / mask.sum()).item() for w in out.attentions]
     assert plain.tolist() == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("by", ["attention", "entropy"])
+def test_rows_routed_in_padded_batches_equal_rows_routed_alone(lm, bank, by):
+    """route_rows sorts rows by length and pads each batch; every row's scores equal its scores alone and
+    come back in input order."""
+    torch.manual_seed(3)
+    rows = [torch.randint(3, 300, (n,)).tolist() for n in (9, 2, 6, 1, 7, 4, 3)]
+    kv = bank_kv(lm.model, bank)
+    seen = []
+    got = route_rows(lm.model, kv, rows, by, [0, 1], batch_size=3, advance=seen.append)
+    assert seen == [3, 3, 1]
+    for row, (k, scores) in zip(rows, got, strict=True):
+        ids = torch.tensor([row])
+        chosen, want = route(lm.model, kv, ids, torch.ones_like(ids), by, [0, 1])
+        assert k == int(chosen[0])
+        torch.testing.assert_close(torch.tensor(scores), want[0], rtol=0, atol=1e-5)
