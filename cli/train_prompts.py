@@ -93,7 +93,7 @@ def train_prompts_command(
     num_prompts: Annotated[int, typer.Option(min=1, help="Prompts in the bank (M); 1 is the single-prompt baseline.")] = 4,
     prompt_len: Annotated[int, typer.Option(min=1, help="Virtual tokens per prompt (P).")] = 16,
     objective: Annotated[str, typer.Option(help="kd: KL(teacher || student) per token; lm: next-token cross-entropy.")] = "kd",
-    assign: Annotated[str, typer.Option(help="Which prompt a window trains: router (as `route` picks), random, all.")] = "router",
+    assign: Annotated[str, typer.Option(help="Which prompt a window trains: router (as `route` picks), balanced (router scores, each prompt at most ceil(batch/M) windows per step), random, all.")] = "router",
     layers: Annotated[str, typer.Option(help="Layers the router reads: first (the first 1/8), all, A:B or i,j,k.")] = "first",
     rank: Annotated[int, typer.Option(min=1, help="lora: rank r of each adapter.")] = 8,
     alpha: Annotated[float, typer.Option(min=0.0, help="lora: scale numerator (the update is alpha/r * B A).")] = 16.0,

@@ -1,8 +1,10 @@
 """Training a bank of M soft prompts (P virtual tokens each) in front of a frozen model.
 
 Each training window goes to one prompt, chosen by the same rule `route` uses at inference (`router`:
-the prompt its tokens attend to most, under the current bank), at random (`random`), or to every prompt
-(`all`, each prompt then sees all the data); only the prompts receive gradients (AdamW). Objectives, per
+the prompt its tokens attend to most, under the current bank), by the router's scores under a capacity
+(`balanced`: no prompt takes more than ceil(B/M) of a batch's B windows, so one prompt cannot win every
+window and leave the others untrained), at random (`random`), or to every prompt (`all`, each prompt then
+sees all the data); only the prompts receive gradients (AdamW). Objectives, per
 token of the window: `kd`, KL(teacher || student with prompt) over the vocabulary, the teacher being the
 dense model on the same window without a prompt (the recovery setting); `lm`, next-token cross-entropy.
 
@@ -29,7 +31,7 @@ from rechannel.ops.training import (
     window_batch,
 )
 
-ASSIGN = ("router", "random", "all")
+ASSIGN = ("router", "balanced", "random", "all")
 VOCAB_INIT_TOKENS = 5000  # prompt tuning's "sampled vocabulary" init draws from the first (most frequent) ids
 
 
@@ -93,7 +95,23 @@ def assign(model: nn.Module, bank: torch.Tensor, ids: torch.Tensor, cfg: PromptT
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         return torch.randint(0, cfg.prompts, (b,), generator=g)
     scores = attention_scores(model, bank_kv(model, bank.detach()), ids, torch.ones_like(ids), cfg.route_layers)
+    if cfg.assign == "balanced":
+        return balanced_assignment(scores.cpu(), -(-b // cfg.prompts))
     return scores.argmax(1).cpu()
+
+
+def balanced_assignment(scores: torch.Tensor, capacity: int) -> torch.Tensor:
+    """scores (B, M) -> (B,) prompts: the (window, prompt) pairs taken greedily from the highest score down,
+    a window once, a prompt at most `capacity` times (B <= M * capacity). Ties go to the lower index."""
+    b, m = scores.shape
+    out = torch.full((b,), -1, dtype=torch.long)
+    taken = [0] * m
+    for flat in torch.sort(scores.flatten(), descending=True, stable=True).indices.tolist():
+        i, k = divmod(flat, m)
+        if out[i] < 0 and taken[k] < capacity:
+            out[i] = k
+            taken[k] += 1
+    return out
 
 
 def train_prompts(model: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, cfg: PromptTrainConfig,

@@ -11,7 +11,13 @@ from safetensors.torch import load_file
 
 from conftest import make_tiny_llama, run_cli
 from rechannel.ops.models import load_model
-from rechannel.ops.prompt_training import PromptTrainConfig, assign, init_bank, train_prompts
+from rechannel.ops.prompt_training import (
+    PromptTrainConfig,
+    assign,
+    balanced_assignment,
+    init_bank,
+    train_prompts,
+)
 from rechannel.ops.routing import attention_scores, bank_kv
 from rechannel.ops.training import TrainState, token_loss
 
@@ -58,6 +64,19 @@ def test_assignment_rules(lm):
     assert not torch.equal(assign(lm.model, bank, ids, rnd, 7), assign(lm.model, bank, ids, rnd, 8))
     every = PromptTrainConfig(prompts=3, length=4, assign="all")
     assert assign(lm.model, bank, ids, every, 0).tolist() == [0, 1, 2] * 5
+    scores = attention_scores(lm.model, bank_kv(lm.model, bank), ids, torch.ones_like(ids), [0, 1])
+    fair = assign(lm.model, bank, ids, PromptTrainConfig(prompts=3, length=4, assign="balanced", route_layers=(0, 1)), 0)
+    assert torch.equal(fair, balanced_assignment(scores, 2)) and torch.bincount(fair, minlength=3).max() <= 2
+
+
+def test_balanced_assignment_by_hand():
+    """Pairs from the highest score down, each prompt at most `capacity` windows: where the router would
+    send all four windows to prompt 0, two go to prompt 1."""
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.6], [0.1, 0.05]])
+    assert scores.argmax(1).tolist() == [0, 0, 0, 0]
+    assert balanced_assignment(scores, 2).tolist() == [0, 0, 1, 1]
+    assert balanced_assignment(scores, 4).tolist() == [0, 0, 0, 0]  # no constraint: the router's choice
+    assert balanced_assignment(torch.full((2, 2), 0.5), 1).tolist() == [0, 1]  # ties: lower index first
 
 
 class HiddenPromptTeacher(torch.nn.Module):
