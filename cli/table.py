@@ -80,7 +80,20 @@ def _rows(paths: list[str], metrics: set[str] | None) -> tuple[list[str], list[d
                 if f"{task} {metric.split(',')[0]}" in columns:
                     row[f"{task} {metric.split(',')[0]}"] = v
         rows.append(row)
+    _disambiguate(rows)
     return columns, rows
+
+
+def _disambiguate(rows: list[dict[str, Any]]) -> None:
+    """Runs that describe alike (two banks of the same model and size) get their file name in brackets:
+    a transposed table keys its columns by run, and the second would silently replace the first."""
+    from collections import Counter
+    from pathlib import Path
+
+    counts = Counter(r["run"] for r in rows)
+    for r in rows:
+        if counts[r["run"]] > 1:
+            r["run"] += f" [{Path(r['file']).name}]"
 
 
 RECOVERY_COLUMNS = ["avg", "recovered", "ppl recovered", "extra params", "ms/example"]

@@ -45,3 +45,16 @@ def test_recovery_is_undefined_when_nothing_was_lost():
     assert recovered_share(0.5, 0.3, 0.4) == pytest.approx(0.5)
     assert recovered_share(0.316, 0.316 + 1e-17, 0.33) is None  # equal up to rounding: nothing lost
     assert recovered_share(0.3, 0.5, 0.4) is None  # compression scored better: no loss to recover
+
+
+def test_runs_that_describe_alike_keep_their_own_column(tmp_path):
+    """Two banks of the same model and size: the transposed table shows both, told apart by file name."""
+    wanda = {"method": "wanda", "sparsity": 0.5, "pattern": "unstructured"}
+    bank = {"route": "attention", "prompts": 4}
+    files = [_doc(tmp_path / "w.json", 0.4, 0.2, "W", wanda),
+             _doc(tmp_path / "router.json", 0.5, 0.3, "W", wanda, prompts=bank, ppl=50.0),
+             _doc(tmp_path / "balanced.json", 0.45, 0.3, "W", wanda, prompts=bank, ppl=60.0)]
+    md = run_cli("table", *files, "--transpose", "--markdown").stdout.decode().splitlines()
+    assert md[0] == ("| task metric | wanda 50% | wanda 50% + IDP (4 prompts) [router.json] "
+                     "| wanda 50% + IDP (4 prompts) [balanced.json] |")
+    assert next(line for line in md if line.startswith("| wikitext2 ppl")) == "| wikitext2 ppl | 30.000 | 50.000 | 60.000 |"
