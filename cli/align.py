@@ -68,17 +68,21 @@ def _scorers(student: Any, teachers: list[str], contexts: list[Any], load: Any) 
     return out
 
 
-def _previous(nodes: str, resume: bool) -> tuple[list[dict], list[dict], int]:
+RESUME_FREE = ("max_questions", "limit", "max_batch")  # may change on --resume: they change no record
+
+
+def _previous(nodes: str, resume: bool, run: dict[str, Any]) -> tuple[list[dict], list[dict], int, dict]:
     """(question records, node records, bytes) of the whole questions already written: a question's record
-    closes its block; what follows the last one (a block cut off by a kill) is dropped on resume."""
+    closes its block; what follows the last one (a block cut off by a kill) is dropped on resume. The file's
+    first record holds the settings of the run that wrote it: another run's file is refused."""
     from rechannel.ops.records import parse_object
 
     if not resume:
-        return [], [], 0
+        return [], [], 0, {}
     if nodes == "-":
         raise UserError("--resume needs --nodes FILE: the node records written so far are read back from it")
     if not Path(nodes).exists():
-        return [], [], 0
+        return [], [], 0, {}
     records, kept, keep = [], 0, 0
     with open(nodes, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -86,11 +90,47 @@ def _previous(nodes: str, resume: bool) -> tuple[list[dict], list[dict], int]:
                 break
             if raw.strip():
                 records.append(parse_object(raw, f"{nodes}:{lineno}"))
-            if records and records[-1].get("kind") == "question":
+            if records and records[-1].get("kind") in ("question", "run"):
                 kept, keep = len(records), f.tell()
+    if records:  # checked on every record read, closed block or not: a foreign file is never cut back
+        _same_run(nodes, records[0], run)
     records = records[:kept]
     return ([r for r in records if r.get("kind") == "question"], [r for r in records if r.get("kind") == "node"],
-            keep)
+            keep, records[0] if records else {})
+
+
+def run_record(config: dict[str, Any]) -> dict[str, Any]:
+    """The first record of a node file: what --resume must find unchanged."""
+    from rechannel import __version__
+
+    return {"kind": "run", "rechannel": __version__,
+            "config": {k: v for k, v in config.items() if k not in RESUME_FREE}}
+
+
+def _same_run(nodes: str, head: dict[str, Any], run: dict[str, Any]) -> None:
+    if head.get("kind") != "run" or not isinstance(head.get("config"), dict):
+        raise UserError(f"{nodes}:1: not a node file written by `rechannel align` (no run record first); "
+                        "--resume continues only its own runs")
+    was, now = head["config"], run["config"]
+    diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    if diff:
+        raise UserError(f"{nodes}: written by another run (different {', '.join(diff)}); --resume continues only "
+                        "the same run: use the same options or another --nodes file")
+
+
+def _outputs(output: str, nodes: str, plot: str | None, data: str, specs: list[str], files: list[str]) -> None:
+    """Every output path checked against every input before anything loads."""
+    from rechannel.ops.models import model_paths
+    from rechannel.ops.outputs import Input, Output, check_outputs
+
+    outs = [Output("-o", output), Output("--nodes", nodes)]
+    if plot:
+        from rechannel.cli.plots import ALIGN_FIGURES
+
+        outs += [Output("--plot", str(Path(plot) / name)) for name in ALIGN_FIGURES]
+    ins = [Input("--data", data), *(Input("--student/--teacher", p) for s in specs for p in model_paths(s)),
+           *(Input("--context/--prompt", f) for f in files)]
+    check_outputs(outs, ins)
 
 
 def align_command(
@@ -158,18 +198,27 @@ def align_command(
         raise UserError(f"--beta {beta}: must be in (0, 1)")
     cfg = AlignConfig(rollouts, continuations, candidates, budget, temperature, max_new_tokens, seed, beta,
                       _pass_rate(select_pass_rate), max_batch)
+    teachers, contexts_given = teacher or [SELF], context or ["reference"]
+    templates = [c.removeprefix("template:") for c in [*contexts_given, prompt] if c.startswith("template:")]
+    _outputs(output, nodes, plot, data, [student, *(t for t in teachers if t != SELF)], templates)
     check = get_verifier(verifier)
     view = student_view(prompt, field)
-    contexts = [get_context(c, view) for c in (context or ["reference"])]
+    contexts = [get_context(c, view) for c in contexts_given]
     questions = _questions(data, field, id_field, check, limit)
     _check_fields([Context("--prompt", view), *contexts], questions)
-    old_q, old_nodes, keep = _previous(nodes, resume)
+    head = run_record({"student": student, "teacher": teachers, "context": contexts_given, "verifier": verifier,
+                       "data": data, "field": field, "id_field": id_field, "prompt": prompt, "limit": limit,
+                       **cfg.__dict__})
+    old_q, old_nodes, keep, old_head = _previous(nodes, resume, head)
     lm = options.load(student, device, dtype, trust_remote_code)
-    scorers = _scorers(lm, teacher or [SELF], contexts,
+    if old_head.get("student_fingerprint") not in (None, lm.fingerprint):
+        raise UserError(f"{nodes}: written for a student with fingerprint {old_head['student_fingerprint']}, but "
+                        f"{student} now has {lm.fingerprint}; --resume continues only the same run")
+    scorers = _scorers(lm, teachers, contexts,
                        lambda spec: options.load_teacher(spec, lm, device, dtype, trust_remote_code))
     from rechannel.cli.align_run import QuestionWriter, run
 
-    writer = QuestionWriter(nodes, keep if resume else None)
+    writer = QuestionWriter(nodes, keep if resume and keep else None, {**head, "student_fingerprint": lm.fingerprint})
     run(lm, Context("none", view), scorers, check, cfg, questions, old_q, old_nodes, writer, output, max_questions,
         plot, {"student": student, "teachers": [s.name for s in scorers], "verifier": verifier, "data": data,
                "field": field, "prompt": prompt, **cfg.__dict__})

@@ -3,12 +3,11 @@ and the figures. Kept apart from cli/align.py, which only parses and checks."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import IO, Any
 
 from rechannel.cli.console import console, info, progress
-from rechannel.cli.jsonl import dumps, write_json
+from rechannel.cli.jsonl import dumps, stdout_buffer, write_json
 
 
 class QuestionWriter:
@@ -17,10 +16,12 @@ class QuestionWriter:
     opened at the first finished question; on --resume it is cut back at once to its last closed block (a
     block a kill cut off is dropped: its question is analysed again), then appended to."""
 
-    def __init__(self, path: str, resume_at: int | None) -> None:
-        self.path, self.resume_at = path, resume_at
-        self._out: IO[bytes] | None = sys.stdout.buffer if path == "-" else None
-        if self._out is None and resume_at is not None and Path(path).exists():
+    def __init__(self, path: str, resume_at: int | None, head: dict) -> None:
+        self.path, self.resume_at, self.head = path, resume_at, head
+        self._out: IO[bytes] | None = stdout_buffer() if path == "-" else None
+        if self._out is not None:
+            self._write_head()
+        elif resume_at is not None and Path(path).exists():
             self._out = self._open()
 
     def write(self, question: dict, nodes: list[dict]) -> None:
@@ -29,9 +30,16 @@ class QuestionWriter:
         self._out.write(b"".join(dumps(r) for r in [*nodes, question]))
         self._out.flush()
 
+    def _write_head(self) -> None:
+        """The run's settings, first in the file: --resume checks them."""
+        self._out.write(dumps(self.head))
+        self._out.flush()
+
     def _open(self) -> IO[bytes]:
         if self.resume_at is None or not Path(self.path).exists():
-            return open(self.path, "wb")  # noqa: SIM115 -- closed in close()
+            self._out = open(self.path, "wb")  # noqa: SIM115 -- closed in close()
+            self._write_head()
+            return self._out
         out = open(self.path, "r+b")  # noqa: SIM115
         out.truncate(self.resume_at)
         out.seek(self.resume_at)

@@ -79,11 +79,27 @@ def load_artifact(path: str | Path, kind: str | None = None, fingerprint: str | 
 
     meta = read_provenance(path)
     check_artifact(path, meta, kind, fingerprint, model)
-    with safe_open(str(path), framework="pt", device=device) as f:
-        missing = [n for n in names or [] if n not in f.keys()]
-        if missing:
-            raise UserError(f"{path}: has no tensor {missing[0]!r}")
-        return {n: f.get_tensor(n) for n in (names or f.keys())}, meta
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            missing = [n for n in names or [] if n not in f.keys()]
+            if missing:
+                raise UserError(f"{path}: has no tensor {missing[0]!r}")
+            tensors = {n: f.get_tensor(n) for n in (names or f.keys())}
+    except Exception as e:  # safetensors' own errors name neither the file nor the fix
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from None
+    check_finite(path, tensors)
+    return tensors, meta
+
+
+def check_finite(path: str | Path, tensors: dict[str, Any]) -> None:
+    """Refuse an artefact holding NaN or infinity: scores computed from it would be silently meaningless."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            bad = int((~t.isfinite()).sum())
+            raise UserError(f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf): the file is "
+                            "damaged or the run that wrote it diverged; remake it")
 
 
 def load_prompt_bank(path: str, lm: Any, route: Any = None) -> Any:

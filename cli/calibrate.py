@@ -77,8 +77,11 @@ def calibrate_command(
     from rechannel.cli.jsonl import STDIO, JsonlWriter
     from rechannel.ops.blocks import decoder_blocks
     from rechannel.ops.calibration import calibrate, draw_windows, stats_to_tensors
+    from rechannel.ops.models import model_paths
+    from rechannel.ops.outputs import Input, Output, check_outputs
 
     t0 = time.perf_counter()
+    check_outputs([Output("-o", output)], [Input("--data", data), *(Input("--model", p) for p in model_paths(model))])
     texts = load_texts(data, field, docs)
     lm = options.load(model, device, dtype, trust_remote_code)
     windows = draw_windows(texts, lm.tokenizer, samples, seqlen, seed)

@@ -106,12 +106,12 @@ def _check_stats(stats: dict, lm: Any, cfg: Any, path: str) -> None:
 def compress_command(
     output: Annotated[str, typer.Option("--output", "-o", help="The compressed model directory.")],
     method: Annotated[str, typer.Option(help="magnitude, wanda, sparsegpt (prune); rtn, gptq (quantize).")] = "wanda",
-    sparsity: Annotated[float | None, typer.Option(help="Fraction of each layer's weights to prune (unstructured). [default: 0.5]", show_default=False)] = None,
+    sparsity: Annotated[float | None, typer.Option(help="Fraction of each layer's weights to prune (unstructured). \\[default: 0.5]", show_default=False)] = None,
     pattern: Annotated[str, typer.Option(help="unstructured, or N:M such as 2:4 or 4:8 (N pruned of every M).")] = "unstructured",
     calib: Annotated[str | None, typer.Option(help="Calibration JSONL: windows drawn here, sequential protocol.")] = None,
     stats: Annotated[str | None, typer.Option(help="A `calibrate` output: one-shot from its dense statistics.")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="With --stats: rerun the sequential protocol on its stored windows.")] = False,
-    true_sequential: Annotated[bool, typer.Option("--true-sequential", help="Sequential inside each block too, as GPTQ's option: [q,k,v], then o, then [gate,up], then down, each calibrated through the layers already compressed.")] = False,
+    true_sequential: Annotated[bool, typer.Option("--true-sequential", help="Sequential inside each block too, as GPTQ's option: \\[q,k,v], then o, then \\[gate,up], then down, each calibrated through the layers already compressed.")] = False,
     field: Field = "text",
     docs: Docs = "",
     samples: Samples = 128,
@@ -155,10 +155,13 @@ def compress_command(
         prune_sequential,
         write_stored_weights,
     )
-    from rechannel.ops.models import save_model
+    from rechannel.ops.models import model_paths, save_model
+    from rechannel.ops.outputs import Input, Output, check_outputs
     from rechannel.ops.qlinear import save_packed
 
     t0 = time.perf_counter()
+    check_outputs([Output("-o", output, "dir")], [*(Input("--model", p) for p in model_paths(model)),
+                                                  Input("--calib", calib or ""), Input("--stats", stats or "")])
     quant, out_format = _quant_spec(bits, group_size, sym, act_order, static_groups, fmt)
     cfg = _config(method, sparsity, pattern, quant, targets, blocksize, percdamp, batch_size, error_tokens,
                   true_sequential)

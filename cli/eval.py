@@ -96,6 +96,9 @@ def _run_ppl(lm: Any, task: Any, text: str, seqlen: int, stride: int | None, lim
         res = perplexity(lm.model, stream, seqlen, limit, batch_size, on_windows=record,
                          prompts=_window_prompts(lm, cond))
     seconds = time.perf_counter() - t0
+    if any(v != v for v in nlls):  # NaN: exp would report it as a perplexity
+        raise UserError(f"{task.name}: {sum(v != v for v in nlls)} of {len(nlls)} windows have a NaN loss; the "
+                        "model's outputs are not numbers (damaged weights, or float16 overflow: try --dtype float32)")
     for i, v in enumerate(nlls):  # written once the task is done: a retry at a smaller batch writes no window twice
         out.write({"task": task.name, "window": i, "nll": v})
     return {"ppl,none": res.perplexity, "ppl_stderr,none": None if stride else _ppl_stderr(res.perplexity, nlls),
@@ -118,6 +121,19 @@ def _run_examples(lm: Any, task: Any, examples: list, batch_size: int, cond: Any
     return {**run.metrics, "samples": n, "seconds": round(run.seconds, 2),
             "examples_per_s": round(n / run.seconds, 2), "tokens_per_s": round(run.tokens / run.seconds, 1),
             "seconds_per_example": round(run.seconds / n, 4)}
+
+
+def _check_outputs(output: str | None, model: str, data: str | None, prompts: str | None, adapter: str | None,
+                   task_files: list[str], data_dir: str) -> None:
+    from pathlib import Path
+
+    from rechannel.ops.models import model_paths
+    from rechannel.ops.outputs import Input, Output, check_outputs
+
+    ins = [*(Input("--model", p) for p in model_paths(model)), Input("--data", data or ""),
+           Input("--prompts", prompts or ""), Input("--adapter", adapter or ""),
+           *(Input("--tasks", str(Path(data_dir) / f)) for f in task_files)]
+    check_outputs([Output("-o", output or "")], ins)
 
 
 def _summary(results: dict[str, Any]) -> None:
@@ -151,7 +167,7 @@ def eval_command(
     data_dir: Annotated[str, typer.Option(help="Where the benchmark files are ($RECHANNEL_DATA).")] =
         os.environ.get("RECHANNEL_DATA", "../shared/data"),
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N examples (windows for perplexity).")] = None,
-    windows: Annotated[int | None, typer.Option(min=1, help="Perplexity: only the first N windows [default: --limit].",
+    windows: Annotated[int | None, typer.Option(min=1, help="Perplexity: only the first N windows \\[default: --limit].",
                                                 show_default=False)] = None,
     batch_size: Annotated[str, typer.Option(help="Examples (or windows) per forward batch, or 'auto'.")] = "auto",
     seqlen: Annotated[int, typer.Option(min=2, help="Perplexity window length in tokens.")] = 2048,
@@ -190,7 +206,9 @@ def eval_command(
     from rechannel.cli.jsonl import STDIO, JsonlWriter, write_json
     from rechannel.ops.tasks import get_tasks, user_task
 
-    chosen = get_tasks(tasks or ("" if data else "wikitext2")) if tasks or not data else []
+    if tasks is not None and not tasks.strip(","):
+        raise UserError("--tasks is empty: name at least one task, e.g. --tasks arc_easy,wikitext2")
+    chosen = get_tasks(tasks if tasks is not None else "wikitext2") if tasks is not None or not data else []
     if data:
         chosen.append(user_task(data, kind))
     requested = _parse_batch_size(batch_size)
@@ -199,6 +217,7 @@ def eval_command(
     if route == "record" and any(t.kind == "ppl" for t in chosen):
         raise UserError("--route record takes each example's prompt from its record; perplexity windows have none")
     ppl_limit = windows if windows is not None else limit
+    _check_outputs(output, model, data, prompts, adapter, [p for t in chosen for p in t.files], data_dir)
     everything = {t.name: t.load(data_dir) for t in chosen}  # every input is read and checked before the model loads
     lm = options.load(model, device, dtype, trust_remote_code)
     extra: dict[str, Any] = {}

@@ -10,18 +10,24 @@ from rechannel.cli import options
 from rechannel.ops.errors import UserError
 
 
-def _inputs(prompts: list[str], input_path: str | None, field: str) -> list[dict]:
-    """Records to complete: one per PROMPT argument, or the JSONL input (every field kept)."""
+def _inputs(prompts: list[str], input_path: str | None, field: str) -> tuple[list[dict], list[str]]:
+    """Records to complete (one per PROMPT argument, or the JSONL input with every field kept), and where each
+    came from for error messages; an empty prompt is refused here, before the model loads."""
     from rechannel.ops.records import read_jsonl
 
     if prompts and input_path:
         raise UserError("give PROMPT arguments or --input, not both")
     if prompts:
-        return [{field: p} for p in prompts]
-    records = read_jsonl(input_path or "-", require=(field,))
-    for r in records:
-        r.field(field, str)
-    return [r.data for r in records]
+        records, where = [{field: p} for p in prompts], [f"PROMPT {i + 1}" for i in range(len(prompts))]
+    else:
+        read = read_jsonl(input_path or "-", require=(field,))
+        for r in read:
+            r.field(field, str)
+        records, where = [r.data for r in read], [r.where for r in read]
+    for rec, name in zip(records, where, strict=True):
+        if not rec[field]:
+            raise UserError(f"{name}: the prompt is empty: nothing to complete")
+    return records, where
 
 
 def generate_command(
@@ -48,12 +54,16 @@ def generate_command(
       rechannel generate -i questions.jsonl --field question --stop $'\\n' -o answers.jsonl
     """
     from rechannel.cli.jsonl import JsonlWriter
-    from rechannel.ops.generate import GenerateConfig, complete
+    from rechannel.ops.generate import GenerateConfig, check_prompt_lengths, complete
+    from rechannel.ops.models import model_paths
+    from rechannel.ops.outputs import Input, Output, check_outputs
 
-    records = _inputs(prompts or [], input, field)
+    check_outputs([Output("-o", output)], [Input("--input", input or ""), *(Input("--model", p) for p in model_paths(model))])
+    records, where = _inputs(prompts or [], input, field)
     cfg = GenerateConfig(max_new_tokens, temperature, seed, batch_size, tuple(stop or ()))
     lm = options.load(model, device, dtype, trust_remote_code)
     texts = [r[field] for r in records]
+    check_prompt_lengths(lm.tokenizer, lm.model.config, texts, max_new_tokens, where)
     with JsonlWriter(output) as out:
         for rec, (text, n) in zip(records, complete(lm.model, lm.tokenizer, texts, cfg), strict=True):
             out.write({**rec, "completion": text, "completion_tokens": n})

@@ -19,6 +19,7 @@ import orjson
 
 from rechannel.cli.console import warn
 from rechannel.ops.atomic import atomic_open
+from rechannel.ops.errors import UserError
 from rechannel.ops.records import STDIO
 
 
@@ -47,6 +48,13 @@ def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj, default=_to_json, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
 
 
+def stdout_buffer() -> IO[bytes]:
+    """Standard output's byte stream; a closed stdout (`>&-`) is a UserError, not an AttributeError."""
+    if sys.stdout is None:
+        raise UserError("stdout is closed: nowhere to write the records; give -o FILE or leave stdout open")
+    return sys.stdout.buffer
+
+
 class JsonlWriter:
     """Writes records to stdout (`-`, flushed per record) or atomically to a file (on successful close)."""
 
@@ -58,7 +66,7 @@ class JsonlWriter:
 
     def __enter__(self) -> JsonlWriter:
         # take stdout's buffer now, before any progress bar can wrap sys.stdout
-        self._out = sys.stdout.buffer if self.path == STDIO else self._stack.enter_context(atomic_open(self.path))
+        self._out = stdout_buffer() if self.path == STDIO else self._stack.enter_context(atomic_open(self.path))
         return self
 
     def write(self, record: dict[str, Any]) -> None:
@@ -84,8 +92,9 @@ def write_json(path: str, obj: Any) -> None:
                         | orjson.OPT_SERIALIZE_NUMPY)
     n = count_nonfinite(obj)
     if path == STDIO:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        out = stdout_buffer()
+        out.write(data)
+        out.flush()
     else:
         with atomic_open(path) as f:
             f.write(data)

@@ -1,8 +1,8 @@
 """The `rechannel` entry point: the command table and the error boundary.
 
 Exit status: 0 success; 1 a failure the user can fix, printed as one line `error: ...` (traceback only
-with --debug); 2 a usage error (typer's own); 1 with "Aborted!" on Ctrl-C. A closed stdout (`| head`) ends the run
-quietly. Only typer and rich are imported here, so `--help` is instant; each command imports torch and
+with --debug); 2 a usage error (typer's own); 130 with "error: interrupted" on Ctrl-C (143 on SIGTERM). A closed
+stdout (`| head`) ends the run quietly. Only typer and rich are imported here, so `--help` is instant; each command imports torch and
 transformers inside its body.
 """
 
@@ -79,33 +79,48 @@ def _quiet_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so atomic writers clean up
+class Interrupted(SystemExit):
+    """Ctrl-C or SIGTERM: unwinds like any exception (atomic writers remove their temporaries), and click,
+    which would turn a KeyboardInterrupt into "Aborted!" and exit 1, lets a SystemExit through."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise Interrupted(128 + signum)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line: a library's multi-line text is folded, never spread over the terminal."""
+    return " ".join(str(e).split())
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("RECHANNEL_DEBUG"))
     args = [a for a in args if a != "--debug"]
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         app(args=args, prog_name="rechannel")
+    except Interrupted as e:
+        print(f"error: {'interrupted' if e.code == 128 + signal.SIGINT else 'terminated'}", file=sys.stderr)
+        sys.exit(e.code)
     except UserError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:
         _quiet_stdout()
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # a bug, not the user's fault: say so in one line unless asked for more
         if debug:
             traceback.print_exc()
         else:
-            print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+            print(f"error: {type(e).__name__}: {_one_line(e)} (run again with --debug for the traceback)",
+                  file=sys.stderr)
         sys.exit(1)
 
 

@@ -40,6 +40,9 @@ def attention_figure(path: str, curves: list[tuple[str, str, list[float]]]) -> N
     plt.close(fig)
 
 
+ALIGN_FIGURES = ("alignment-along-rollouts.png", "alignment-distributions.png")
+
+
 def alignment_figures(directory: str, nodes: list[dict], teachers: list[str], gradient: str = "rkl") -> None:
     """alignment-along-rollouts.png: per teacher, the alignment at each node against its position (red:
     incorrect rollouts, green: correct ones); alignment-distributions.png: per teacher, histograms of the
@@ -71,7 +74,7 @@ def alignment_figures(directory: str, nodes: list[dict], teachers: list[str], gr
         ax.legend(fontsize=8)
         ax.set(title=f"{t}: {gradient} alignment along rollouts", xlabel="position in rollout (symlog)",
                ylabel="cosine with g_ideal", ylim=(-1.05, 1.05))
-    _save(fig, plt, Path(directory) / "alignment-along-rollouts.png", atomic_path)
+    _save(fig, plt, Path(directory) / ALIGN_FIGURES[0], atomic_path)
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
     for ax, t in zip(axes[0], teachers, strict=True):
         for correct, color in ((False, "tab:red"), (True, "tab:green")):
@@ -83,7 +86,7 @@ def alignment_figures(directory: str, nodes: list[dict], teachers: list[str], gr
         ax.set(title=f"{t}: {gradient} alignment", xlabel="cosine with g_ideal", ylabel="nodes")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    _save(fig, plt, Path(directory) / "alignment-distributions.png", atomic_path)
+    _save(fig, plt, Path(directory) / ALIGN_FIGURES[1], atomic_path)
 
 
 def _save(fig: Any, plt: Any, path: Any, atomic_path: Any) -> None:

@@ -39,11 +39,15 @@ def route_command(
     from rechannel.cli.console import progress
     from rechannel.cli.jsonl import JsonlWriter
     from rechannel.ops.blocks import decoder_blocks
+    from rechannel.ops.models import model_paths
+    from rechannel.ops.outputs import Input, Output, check_outputs
     from rechannel.ops.records import read_jsonl
     from rechannel.ops.routing import BY, bank_kv, parse_layers, route_rows, routing_ids
 
     if by not in BY:
         raise unknown_choice("by", by, BY)
+    check_outputs([Output("-o", output)], [Input("--input", input), Input("--prompts", prompts),
+                                           *(Input("--model", p) for p in model_paths(model))])
     records = read_jsonl(input, require=(field,))
     texts = [r.field(field, str) for r in records]
     lm = options.load(model, device, dtype, trust_remote_code)

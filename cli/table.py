@@ -20,8 +20,15 @@ def _load(path: str) -> dict[str, Any]:
         raise UserError(f"{path}: no such file") from None
     except orjson.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected an eval results file") from None
     if not isinstance(doc, dict) or "results" not in doc:
         raise UserError(f"{path}: not an eval results file (no 'results')")
+    results = doc["results"]
+    if not isinstance(results, dict) or not all(isinstance(v, dict) for v in results.values()):
+        raise UserError(f"{path}: not an eval results file ('results' must map each task to its metrics)")
+    if not isinstance(doc.get("config") or {}, dict):
+        raise UserError(f"{path}: not an eval results file ('config' must be an object)")
     return doc
 
 
@@ -136,6 +143,18 @@ def _recovery(rows: list[dict[str, Any]], docs: list[dict[str, Any]]) -> list[st
     return notes
 
 
+def _check_metrics(wanted: set[str], columns: list[str]) -> None:
+    """Every metric asked for must appear in some file (`columns`: all of theirs): a typo must not print an
+    empty table."""
+    found = {"size" if c == "size MB" else c.split(" ")[-1] for c in columns}
+    missing = sorted(wanted - found)
+    if missing:
+        from rechannel.ops.errors import did_you_mean
+
+        raise UserError(f"--metrics: no file has the metric {missing[0]!r}{did_you_mean(missing[0], found)}; "
+                        f"the files have: {', '.join(sorted(found))}")
+
+
 def _plot(path: str, results: list[str], rows: list[dict[str, Any]]) -> None:
     from rechannel.cli.plots import attention_figure
 
@@ -173,7 +192,18 @@ def table_command(
 
     With --recovery, "recovered" is (avg - avg of the same model without prompts or adapter) / (avg dense - that), so 1 means back to the dense model; "ppl recovered" is the same for WikiText-2 perplexity.
     """
-    columns, rows = _rows(results, {m.strip() for m in metrics.split(",")} if metrics else None)
+    if json and markdown:
+        raise UserError("--json and --markdown: choose one output format")
+    if plot_attention:
+        from rechannel.ops.outputs import Input, Output, check_outputs
+
+        check_outputs([Output("--plot-attention", plot_attention)], [Input("RESULTS", p) for p in results])
+    wanted = {m.strip() for m in metrics.split(",") if m.strip()} if metrics is not None else None
+    if wanted is not None and not wanted:
+        raise UserError("--metrics is empty: name at least one metric, e.g. acc,ppl")
+    if wanted is not None:
+        _check_metrics(wanted, _rows(results, None)[0])
+    columns, rows = _rows(results, wanted)
     if plot_attention:
         _plot(plot_attention, results, rows)
     notes = []

@@ -87,7 +87,7 @@ def train_prompts_command(
     data: Data,
     output: Annotated[str, typer.Option("--output", "-o", help="The prompt bank (.safetensors), or with --method lora the PEFT adapter directory.")],
     method: Annotated[str, typer.Option(help="prompts (a bank of soft prompts) or lora (the re-training baseline).")] = "prompts",
-    teacher: Annotated[str | None, typer.Option(help="The dense model for --objective kd [default: the model this one was compressed from].", show_default=False)] = None,
+    teacher: Annotated[str | None, typer.Option(help="The dense model for --objective kd \\[default: the model this one was compressed from].", show_default=False)] = None,
     field: Field = "text",
     docs: Docs = "",
     num_prompts: Annotated[int, typer.Option(min=1, help="Prompts in the bank (M); 1 is the single-prompt baseline.")] = 4,
@@ -99,7 +99,7 @@ def train_prompts_command(
     alpha: Annotated[float, typer.Option(min=0.0, help="lora: scale numerator (the update is alpha/r * B A).")] = 16.0,
     targets: Annotated[str, typer.Option(help="lora: the projections to adapt, by name.")] = "q_proj,v_proj",
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 300,
-    lr: Annotated[float | None, typer.Option(min=0.0, help="AdamW learning rate [default: 3e-2 for prompts, 1e-3 for lora].", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="AdamW learning rate \\[default: 3e-2 for prompts, 1e-3 for lora].", show_default=False)] = None,
     batch: Annotated[int, typer.Option(min=1, help="Windows per step.")] = 8,
     seqlen: Annotated[int, typer.Option(min=2, help="Tokens per training window.")] = 256,
     init: Annotated[str, typer.Option(help='prompts: vocab (embeddings of random frequent tokens) or text:"some words".')] = "vocab",
@@ -131,6 +131,7 @@ def train_prompts_command(
 
     if method not in ("prompts", "lora"):
         raise UserError(f"--method {method!r}: expected prompts or lora")
+    _check_outputs(output, method, log, export_peft_dir, save_every, data, model, teacher)
     t0 = time.perf_counter()
     texts = load_texts(data, field, docs)  # every record checked before the model loads
     lm = options.load(model, device, dtype, trust_remote_code)
@@ -154,6 +155,20 @@ def train_prompts_command(
     with JsonlWriter(STDIO) as out:
         out.write({"output": output, "model": model, "fingerprint": lm.fingerprint, **extra,
                    "seconds": round(time.perf_counter() - t0, 2)})
+
+
+def _check_outputs(output: str, method: str, log: str | None, export_dir: str | None, save_every: int, data: str,
+                   model: str, teacher: str | None) -> None:
+    from rechannel.ops.models import model_paths
+    from rechannel.ops.outputs import Input, Output, check_outputs
+
+    outs = [Output("-o", output, "dir" if method == "lora" else "file"), Output("--log", log or ""),
+            Output("--export-peft", export_dir or "", "dir")]
+    if save_every:
+        outs.append(Output("-o (its checkpoint)", str(checkpoint_path(output))))
+    ins = [Input("--data", data), *(Input("--model", p) for p in model_paths(model)),
+           *(Input("--teacher", p) for p in (model_paths(teacher) if teacher else []))]
+    check_outputs(outs, ins)
 
 
 def _provenance(lm: Any, model: str, args: dict[str, Any]) -> Any:

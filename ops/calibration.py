@@ -2,8 +2,8 @@
 
 Windows are drawn as the GPTQ / SparseGPT / Wanda reference code draws C4 samples: with Python's
 `random` seeded, pick a random document until one has more than `seqlen` tokens, then a random start
-inside it; repeat for each sample. Documents are tokenized once and cached, which changes nothing in the
-sequence of draws.
+inside it; repeat for each sample. Documents are tokenized once (at most their first DOC_CHARS characters),
+which changes nothing in the sequence of draws for documents shorter than that.
 
 Statistics, per Linear layer of a decoder block, from its inputs (see LayerStats): Wanda's per-channel
 squared norms and, with `hessian`, GPTQ / SparseGPT's H, both as the reference code accumulates them.
@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,25 +33,38 @@ from rechannel.ops.blocks import (
 )
 from rechannel.ops.errors import UserError
 
+DOC_CHARS = 1_000_000  # characters of a document tokenized at most (C4 documents are under 40,000)
+_TOKENIZE_BATCH = 64  # documents tokenized together
+
+
+def document_ids(texts: Sequence[str], tokenizer: Any) -> list[np.ndarray]:
+    """Each document's token ids (int32), from at most its first DOC_CHARS characters, tokenized in small
+    batches: a single 50 MB document costs a bounded tokenization, not gigabytes of encodings."""
+    out: list[np.ndarray] = []
+    for i in range(0, len(texts), _TOKENIZE_BATCH):
+        batch = [t[:DOC_CHARS] for t in texts[i:i + _TOKENIZE_BATCH]]
+        out += [np.asarray(ids, dtype=np.int32) for ids in tokenizer(batch)["input_ids"]]
+    return out
+
 
 def draw_windows(texts: Sequence[str], tokenizer: Any, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """(samples, seqlen) token windows, drawn exactly as the reference calibration loaders draw them."""
-    lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
+    """(samples, seqlen) token windows, drawn exactly as the reference calibration loaders draw them
+    (a document beyond DOC_CHARS characters is drawn from as if it ended there)."""
+    docs = document_ids(texts, tokenizer)
+    lengths = [len(ids) for ids in docs]
     if not any(n > seqlen for n in lengths):
         raise UserError(f"no calibration document is longer than --seqlen {seqlen} tokens "
                         f"(longest: {max(lengths, default=0)}); lower --seqlen or give longer texts")
-    cache: dict[int, list[int]] = {}
     rng = random.Random(seed)
-    windows = []
-    for _ in range(samples):
+    windows = np.empty((samples, seqlen), dtype=np.int64)
+    for k in range(samples):
         while True:
             i = rng.randint(0, len(texts) - 1)
             if lengths[i] > seqlen:
                 break
-        ids = cache.setdefault(i, tokenizer(texts[i])["input_ids"])
-        start = rng.randint(0, len(ids) - seqlen - 1)
-        windows.append(ids[start:start + seqlen])
-    return torch.tensor(windows, dtype=torch.long)
+        start = rng.randint(0, lengths[i] - seqlen - 1)
+        windows[k] = docs[i][start:start + seqlen]
+    return torch.from_numpy(windows)
 
 
 @dataclass

@@ -67,6 +67,15 @@ def _aggregate(records: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[
     return out
 
 
+def _refuse_nonfinite(task: str, logliks: Sequence[Sequence[float]]) -> None:
+    """An accuracy taken over NaN log-likelihoods is an argmax of noise: stop instead of reporting it."""
+    bad = sum(not all(math.isfinite(v) for v in row) for row in logliks)
+    if bad:
+        raise UserError(f"{task}: {bad} of {len(logliks)} examples have non-finite log-likelihoods (NaN or inf); "
+                        "the model's outputs are not numbers (damaged weights, or float16 overflow: try "
+                        "--dtype float32), so no metric is reported")
+
+
 def _units(tokenizer: Any, examples: Sequence[ChoiceExample], cond: Conditioning
            ) -> tuple[list[ScoreUnit], list[list[tuple[int, int]]]]:
     """The score units of all examples (what an example's choices share runs once), and for every choice
@@ -90,6 +99,7 @@ def run_choice_task(model: nn.Module, tokenizer: Any, task: str, kind: str, exam
     units, where = _units(tokenizer, examples, cond)
     scores = score_units(model, units, batch_size, cond.prompts, tokenizer.pad_token_id or 0,
                          on_batch=on_progress, max_tokens=max_tokens)
+    _refuse_nonfinite(task, [[scores[u][j].loglik for u, j in slots] for slots in where])
     records = []
     for ex, slots in zip(examples, where, strict=True):
         picked = [scores[u][j] for u, j in slots]

@@ -26,6 +26,44 @@ def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[i:i + size]
 
 
+def context_length(config: Any) -> int | None:
+    """The longest sequence the model was built for, when its config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters one token covers: its vocabulary string's length (a byte-level BPE
+    token holds one character per byte, and a text character is at least one byte)."""
+    return max((len(t) for t in tokenizer.get_vocab()), default=1)
+
+
+def check_prompt_lengths(tokenizer: Any, config: Any, prompts: Sequence[str], max_new_tokens: int,
+                         names: Sequence[str]) -> None:
+    """Refuse an empty prompt, and one that with the new tokens would not fit the model's context, before any
+    forward pass; a text too long by its character count alone is refused without tokenizing it at all."""
+    from .errors import UserError
+
+    ctx = context_length(config)
+    room = None if ctx is None else ctx - max_new_tokens
+    if room is not None and room < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                        f"{ctx} tokens")
+    widest = longest_token_chars(tokenizer)
+    for name, text in zip(names, prompts, strict=True):
+        if room is not None and len(text) > (room + 1) * widest:  # at least room + 1 tokens, whatever they are
+            raise UserError(f"{name}: {len(text):,} characters, more than the {room} tokens the model's context "
+                            f"of {ctx} leaves after --max-new-tokens {max_new_tokens}")
+        n = len(tokenizer(text)["input_ids"])
+        if n == 0:
+            raise UserError(f"{name}: the prompt is empty: nothing to complete")
+        if room is not None and n > room:
+            raise UserError(f"{name}: {n} tokens; with --max-new-tokens {max_new_tokens} that exceeds the model's "
+                            f"context of {ctx} tokens")
+
+
 def complete(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: GenerateConfig) -> Iterator[tuple[str, int]]:
     """Yield (completion text, number of new tokens) for each prompt, in order."""
     import torch

@@ -132,7 +132,15 @@ def merge_adapter(model: nn.Module, adapter_dir: str) -> AdapterInfo:
     rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     modules = dict(model.named_modules())
-    pairs = _pairs(load_file(str(weights)), path)
+    from rechannel.ops.tensorfile import read_header
+
+    read_header(weights)  # a truncated or damaged file is named before safetensors fails on it
+    tensors = load_file(str(weights))
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise UserError(f"--adapter {weights}: tensor {bad[0]!r} holds NaN or inf: the adapter is damaged or its "
+                        "training diverged")
+    pairs = _pairs(tensors, path)
     from rechannel.ops.qlinear import QuantLinear
 
     for name, (a, b) in pairs.items():

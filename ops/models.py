@@ -21,6 +21,7 @@ from typing import Any
 
 from rechannel.ops.errors import UserError, did_you_mean, unknown_choice
 from rechannel.ops.fingerprint import model_fingerprint, weight_files
+from rechannel.ops.tensorfile import read_header
 
 DEFAULT_MODEL = "smollm2-135m"
 _SOURCE_MARKER = "rechannel-source.json"  # written into a converted directory: where it came from
@@ -61,7 +62,23 @@ class LoadedModel:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("RECHANNEL_CACHE") or "~/.cache/rechannel").expanduser()
+    """$RECHANNEL_CACHE (default ~/.cache/rechannel); a path that exists and is not a directory is refused."""
+    root = Path(os.environ.get("RECHANNEL_CACHE") or "~/.cache/rechannel").expanduser()
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"the cache RECHANNEL_CACHE={root}: {p} is not a directory")
+            break
+    return root
+
+
+def model_paths(spec: str) -> list[str]:
+    """The files and directories a model spec reads, for the output checks (nothing is loaded)."""
+    if spec in BUILTIN_MODELS:
+        return [str(cache_root() / "models" / spec)]
+    if spec.endswith(".gguf"):
+        return [spec, str(cached_dir(spec))]
+    return [spec]
 
 
 def _package_dir(package: str) -> Path | None:
@@ -101,7 +118,10 @@ def is_prepared(spec: str, gguf: Path) -> bool:
     marker = cached_dir(spec) / _SOURCE_MARKER
     if not marker.is_file():
         return False
-    saved = json.loads(marker.read_text())
+    try:
+        saved = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # a damaged marker: convert again
     stamp = _source_stamp(gguf)
     return all(saved.get(k) == v for k, v in stamp.items())
 
@@ -114,6 +134,9 @@ def _gguf_source(spec: str) -> Path | None:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise UserError(f"{spec}: no such GGUF file")
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise UserError(f"{spec}: not a GGUF file (it does not start with the GGUF magic bytes)")
         return path.resolve()
     return None
 
@@ -127,8 +150,37 @@ def prepare(spec: str = DEFAULT_MODEL, force: bool = False) -> Path:
     if force or not is_prepared(spec, gguf):
         from rechannel.ops.convert import convert_gguf
 
-        convert_gguf(gguf, target, stamp=_source_stamp(gguf), marker=_SOURCE_MARKER)
+        try:
+            convert_gguf(gguf, target, stamp=_source_stamp(gguf), marker=_SOURCE_MARKER)
+        except (ValueError, OSError, KeyError, IndexError, TypeError) as e:  # gguf's parser errors name no file
+            raise UserError(f"{spec}: cannot convert this GGUF file ({type(e).__name__}: {_first_line(e)})") from None
     return target
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _read_config(path: Path, spec: str) -> dict[str, Any]:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path / 'config.json'}: expected a JSON object")
+    return config
+
+
+def _check_architecture(path: Path, config: dict[str, Any], trust_remote_code: bool) -> None:
+    """An architecture transformers does not know is named before transformers fails on it."""
+    from transformers import CONFIG_MAPPING
+
+    kind = config.get("model_type")
+    if kind is None:
+        raise UserError(f"{path / 'config.json'}: no model_type: not a transformers model config")
+    if kind not in CONFIG_MAPPING and not (trust_remote_code and config.get("auto_map")):
+        raise UserError(f"{path / 'config.json'}: model_type {kind!r} is not an architecture this transformers "
+                        "knows" + (" (it ships its own code: add --trust-remote-code if you trust it)"
+                                   if config.get("auto_map") else ""))
 
 
 def model_dir(spec: str) -> Path:
@@ -146,15 +198,35 @@ def model_dir(spec: str) -> Path:
             f"{spec}: no *.safetensors weights (rechannel loads safetensors only, never pickle); "
             "convert with `model.save_pretrained(dir, safe_serialization=True)`"
         )
+    _read_config(path, spec)
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise UserError(f"{spec}: no tokenizer files (one of {', '.join(_TOKENIZER_FILES)}); save the tokenizer "
+                        "beside the weights with `tokenizer.save_pretrained(dir)`")
+    for f in weight_files(path):
+        read_header(f)  # a truncated or damaged weight file is named here, before transformers reads it
     return path
 
 
 def resolve_device(device: str = "auto") -> str:
-    if device != "auto":
-        return device
+    """'auto' is cuda when a GPU is present, else cpu; a device this machine does not have is a UserError."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is available here (this torch "
+                            f"{'has no CUDA support' if torch.version.cuda is None else 'finds no GPU'}); "
+                            "use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device!r}: rechannel runs on cpu or cuda")
+    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:
@@ -191,20 +263,28 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     from rechannel.ops.qlinear import load_packed, packed_entry
 
     t0 = time.perf_counter()
+    _check_architecture(path, _read_config(path, spec), trust_remote_code)
     packed = packed_entry(path)
-    if packed is not None:
-        model = load_packed(path, packed, torch_dtype, device, trust_remote_code)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, local_files_only=True, use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-        ).to(device)
+    try:
+        if packed is not None:
+            model = load_packed(path, packed, torch_dtype, device, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, local_files_only=True, use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+            ).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError) as e:  # transformers' messages span lines and name no file
+        raise UserError(f"{spec}: cannot load the model ({type(e).__name__}: {_first_line(e)})") from None
     model.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.rechannel_load_seconds = time.perf_counter() - t0
     return LoadedModel(model, tokenizer, path, model_fingerprint(path), spec)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: str | Path, entry: dict[str, Any]) -> Path:

@@ -86,7 +86,7 @@ def sliding_perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, stri
         if end == stream.numel() or (limit is not None and windows >= limit):
             break
     mean = total / scored
-    return PerplexityResult(math.exp(mean) if mean < 700 else math.inf, mean, windows, seqlen, scored)
+    return PerplexityResult(math.inf if mean >= 700 else math.exp(mean), mean, windows, seqlen, scored)
 
 
 def perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, limit: int | None = None,
@@ -109,4 +109,4 @@ def perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, limit: int |
         if on_windows:
             on_windows(nlls[-1])
     mean = torch.cat(nlls).mean().item()
-    return PerplexityResult(math.exp(mean) if mean < 700 else math.inf, mean, n, seqlen, n * (seqlen - 1))
+    return PerplexityResult(math.inf if mean >= 700 else math.exp(mean), mean, n, seqlen, n * (seqlen - 1))

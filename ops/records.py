@@ -36,6 +36,8 @@ class Record:
 
 def _open_input(path: str) -> tuple[IO[bytes], str]:
     if path == STDIO:
+        if sys.stdin is None:
+            raise UserError("no input: stdin is closed; give a JSONL file, or pipe JSON Lines into stdin")
         if sys.stdin.isatty():
             raise UserError("no input: give a JSONL file, or pipe JSON Lines into stdin")
         return sys.stdin.buffer, "<stdin>"
@@ -62,7 +64,7 @@ def read_jsonl(path: str, require: Sequence[str] = (), allow_empty: bool = False
     f, name = _open_input(path)
     records = []
     with ExitStack() as stack:
-        if f is not sys.stdin.buffer:
+        if name != "<stdin>":
             stack.enter_context(f)
         for lineno, raw in enumerate(f, start=1):
             if raw.strip():

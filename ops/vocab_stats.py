@@ -29,7 +29,7 @@ COLUMNS = (
     "kl_pm", "kl_qm",  # KL(p‖m), KL(q‖m) with m = βp + (1-β)q
     "entropy_p",  # -Σ p log p
     "sum_p2",  # Σ p²
-    "sum_dqp2",  # Σ (q - p)²: the squared norm of the forward-KL gradient
+    "sum_dqp2",  # Σ (q - p)²: the squared norm of the forward-KL gradient (y's term from the sums over the others)
     "p_rest", "p2_rest",  # Σ_{k≠y} p_k, Σ_{k≠y} p_k²
     "b_rkl", "n_rkl",  # reverse KL, a = log q - log p: B = Σ_{k≠y} p_k (a_k - a_y); Σ_{k≠y} p_k² (a_k - a_y - B)²
     "b_jsd", "n_jsd",  # JSD, a = log p - log m: the same two sums
@@ -70,17 +70,18 @@ def vocab_stats_torch(zp: torch.Tensor, zq: torch.Tensor, y: torch.Tensor, beta:
     lm_y = _log_mix(lp_y, lq_y, beta)
     a_rkl_y, a_jsd_y = lq_y - lp_y, lp_y - lm_y
     anchors = (zp_y, zq_y, sp_p, sp_q)
-    sums = torch.zeros(t, 10, device=zp.device)  # kl_pq kl_pm kl_qm ent sum_p2 dqp2 p_rest p2_rest b_rkl b_jsd
+    sums = torch.zeros(t, 11, device=zp.device)  # kl_pq kl_pm kl_qm ent sum_p2 dqp2 p_rest p2_rest b_rkl b_jsd q_rest
     for cols in _chunks(v):
         lp, lq, other = _chunk_logs(zp, zq, y, anchors, cols)  # (T, C) each
         p, q = lp.exp(), lq.exp()
         lm = _log_mix(lp, lq, beta)
-        po = p * other
+        po, qo = p * other, q * other
         sums += torch.stack([
             (p * (lp - lq)).sum(1), (p * (lp - lm)).sum(1), (q * (lq - lm)).sum(1), -(p * lp).sum(1),
-            (p * p).sum(1), ((q - p) ** 2).sum(1), po.sum(1), (po * p).sum(1),
-            (po * (lq - lp - a_rkl_y[:, None])).sum(1), (po * (lp - lm - a_jsd_y[:, None])).sum(1),
+            (p * p).sum(1), ((qo - po) ** 2).sum(1), po.sum(1), (po * p).sum(1),
+            (po * (lq - lp - a_rkl_y[:, None])).sum(1), (po * (lp - lm - a_jsd_y[:, None])).sum(1), qo.sum(1),
         ], 1)
+    sums[:, 5] += (sums[:, 10] - sums[:, 6]) ** 2  # y's (q_y - p_y)², as (1 - p_y) - (1 - q_y): centred
     b_rkl, b_jsd = sums[:, 8], sums[:, 9]
     norms = torch.zeros(t, 2, device=zp.device)
     for cols in _chunks(v):

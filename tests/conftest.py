@@ -103,3 +103,37 @@ def docs_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
     path.write_bytes(b"".join(orjson.dumps({"text": t, "id": i}) + b"\n" for i, t in enumerate(make_docs())))
     return path
+
+
+def run_inproc(*args: str, input: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`rechannel ARGS` in this process (no interpreter start, torch already imported): exit status, stdout and
+    stderr as run_cli gives them. For the many checks that fail fast; run_cli stays for signals, devices and
+    anything that depends on a fresh process."""
+    import contextlib
+    import io
+    import signal
+
+    from rechannel.cli.main import main
+
+    out, err = io.BytesIO(), io.BytesIO()
+    stdout = io.TextIOWrapper(out, write_through=True)
+    stderr = io.TextIOWrapper(err, write_through=True)
+    stdin = io.TextIOWrapper(io.BytesIO(input or b""))
+    saved_env, handlers = dict(os.environ), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    os.environ.update({"CI": "true", **(env or {})})
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            old_stdin, sys.stdin = sys.stdin, stdin
+            try:
+                main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            finally:
+                sys.stdin = old_stdin
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return subprocess.CompletedProcess(["rechannel", *args], code, out.getvalue(), err.getvalue())

@@ -57,8 +57,9 @@ def test_align_runs_on_the_real_model_with_its_chat_template(prepared, tmp_path)
     assert r.returncode == 0, r.stderr.decode()
     records = [json.loads(line) for line in r.stdout.decode().splitlines()]
     head = records[-1]
+    assert records[0]["kind"] == "run" and records[0]["config"]["budget"] == 2  # what --resume checks
     assert head["kind"] == "question" and head["prompt_tokens"] > 20  # the chat template wraps the question
-    nodes = records[:-1]
+    nodes = records[1:-1]
     assert len(nodes) == 2 and all(n["K"][0]["token"] == n["token"] for n in nodes)
     for n in nodes:
         t = n["teachers"]["self+reference"]

@@ -98,6 +98,7 @@ def _vocab_stats_kernel(zp_ptr, zq_ptr, y_ptr, out_ptr, v, stride_p, stride_q, l
     dqp2 = tl.zeros((BLOCK,), tl.float32)
     p_rest = tl.zeros((BLOCK,), tl.float32)
     p2_rest = tl.zeros((BLOCK,), tl.float32)
+    q_rest = tl.zeros((BLOCK,), tl.float32)
     b_rkl = tl.zeros((BLOCK,), tl.float32)
     b_jsd = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, v, BLOCK):
@@ -115,11 +116,16 @@ def _vocab_stats_kernel(zp_ptr, zq_ptr, y_ptr, out_ptr, v, stride_p, stride_q, l
         kl_qm += q * (lq0 - lm0)
         ent -= p * lp0
         p2 += p * p
-        dqp2 += (q - p) * (q - p)
+        qo = tl.where(other, q, 0.0)
+        dqp2 += (qo - po) * (qo - po)  # the other tokens; y's term is added centred after the loop
         p_rest += po
+        q_rest += qo
         p2_rest += po * p
         b_rkl += po * (lq0 - lp0 - a_rkl_y)
         b_jsd += po * (lp0 - lm0 - a_jsd_y)
+    p_rest_t = tl.sum(p_rest, axis=0)
+    dq_y = tl.sum(q_rest, axis=0) - p_rest_t  # p_y - q_y = (1 - q_y) - (1 - p_y), no difference of numbers near 1
+    dqp2_t = tl.sum(dqp2, axis=0) + dq_y * dq_y
     b_rkl_t = tl.sum(b_rkl, axis=0)
     b_jsd_t = tl.sum(b_jsd, axis=0)
     # pass 3: norms centred through the observed token
@@ -145,8 +151,8 @@ def _vocab_stats_kernel(zp_ptr, zq_ptr, y_ptr, out_ptr, v, stride_p, stride_q, l
     tl.store(out + 4, tl.sum(kl_qm, axis=0))
     tl.store(out + 5, tl.sum(ent, axis=0))
     tl.store(out + 6, tl.sum(p2, axis=0))
-    tl.store(out + 7, tl.sum(dqp2, axis=0))
-    tl.store(out + 8, tl.sum(p_rest, axis=0))
+    tl.store(out + 7, dqp2_t)
+    tl.store(out + 8, p_rest_t)
     tl.store(out + 9, tl.sum(p2_rest, axis=0))
     tl.store(out + 10, b_rkl_t)
     tl.store(out + 11, tl.sum(n_rkl, axis=0))
