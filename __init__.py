@@ -1,3 +1,5 @@
 """rechannel: compress a causal LM, measure what it lost, recover it with routed soft prompts."""
 
-__version__ = "0.1.0"
+from .ops.core.version import __version__
+
+__all__ = ["__version__"]

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from rechannel.cli import options
-from rechannel.ops.errors import UserError
+from ..ops.core.errors import UserError
+from . import options
 
 SELF = "self"
 
@@ -26,9 +26,9 @@ def _pass_rate(text: str | None) -> tuple[float, float] | None:
 
 
 def _questions(data: str, field: str, id_field: str, verifier: Any, limit: int | None) -> list[Any]:
-    from rechannel.ops.align import Question
-    from rechannel.ops.records import read_jsonl
-    from rechannel.ops.verifiers import check_record
+    from ..ops.align.diagnosis import Question
+    from ..ops.align.verifiers import check_record
+    from ..ops.core.records import read_jsonl
 
     records = read_jsonl(data, require=(field,))
     records = records[:limit] if limit else records
@@ -48,8 +48,8 @@ def _check_fields(contexts: list[Any], questions: list[Any]) -> None:
 
 def _scorers(student: Any, teachers: list[str], contexts: list[Any], load: Any) -> list[Any]:
     """Every teacher model with every context, except the student itself with no context (q = p)."""
-    from rechannel.ops.align import Scorer
-    from rechannel.ops.contexts import prompt_ids
+    from ..ops.align.contexts import prompt_ids
+    from ..ops.align.diagnosis import Scorer
 
     out = []
     for spec in teachers:
@@ -75,7 +75,7 @@ def _previous(nodes: str, resume: bool, run: dict[str, Any]) -> tuple[list[dict]
     """(question records, node records, bytes) of the whole questions already written: a question's record
     closes its block; what follows the last one (a block cut off by a kill) is dropped on resume. The file's
     first record holds the settings of the run that wrote it: another run's file is refused."""
-    from rechannel.ops.records import parse_object
+    from ..ops.core.records import parse_object
 
     if not resume:
         return [], [], 0, {}
@@ -101,7 +101,7 @@ def _previous(nodes: str, resume: bool, run: dict[str, Any]) -> tuple[list[dict]
 
 def run_record(config: dict[str, Any]) -> dict[str, Any]:
     """The first record of a node file: what --resume must find unchanged."""
-    from rechannel import __version__
+    from ..ops.core.version import __version__
 
     return {"kind": "run", "rechannel": __version__,
             "config": {k: v for k, v in config.items() if k not in RESUME_FREE}}
@@ -120,12 +120,12 @@ def _same_run(nodes: str, head: dict[str, Any], run: dict[str, Any]) -> None:
 
 def _outputs(output: str, nodes: str, plot: str | None, data: str, specs: list[str], files: list[str]) -> None:
     """Every output path checked against every input before anything loads."""
-    from rechannel.ops.models import model_paths
-    from rechannel.ops.outputs import Input, Output, check_outputs
+    from ..ops.core.models import model_paths
+    from ..ops.core.outputs import Input, Output, check_outputs
 
     outs = [Output("-o", output), Output("--nodes", nodes)]
     if plot:
-        from rechannel.cli.plots import ALIGN_FIGURES
+        from .plots import ALIGN_FIGURES
 
         outs += [Output("--plot", str(Path(plot) / name)) for name in ALIGN_FIGURES]
     ins = [Input("--data", data), *(Input("--student/--teacher", p) for s in specs for p in model_paths(s)),
@@ -185,9 +185,9 @@ def align_command(
           --context none --context reference --data gsm8k.jsonl --select-pass-rate 0.1:0.9 -o s.json
       jq 'select(.kind == "node") | .teachers["self+reference"].align.rkl' nodes.jsonl
     """
-    from rechannel.ops.align import AlignConfig
-    from rechannel.ops.contexts import Context, get_context, student_view
-    from rechannel.ops.verifiers import get_verifier
+    from ..ops.align.contexts import Context, get_context, student_view
+    from ..ops.align.diagnosis import AlignConfig
+    from ..ops.align.verifiers import get_verifier
 
     if output == "-" and nodes == "-":
         raise UserError("the node records already go to stdout: write the summary to a file (-o FILE) or the "
@@ -216,7 +216,7 @@ def align_command(
                         f"{student} now has {lm.fingerprint}; --resume continues only the same run")
     scorers = _scorers(lm, teachers, contexts,
                        lambda spec: options.load_teacher(spec, lm, device, dtype, trust_remote_code))
-    from rechannel.cli.align_run import QuestionWriter, run
+    from .align_run import QuestionWriter, run
 
     writer = QuestionWriter(nodes, keep if resume and keep else None, {**head, "student_fingerprint": lm.fingerprint})
     run(lm, Context("none", view), scorers, check, cfg, questions, old_q, old_nodes, writer, output, max_questions,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import IO, Any
 
-from rechannel.cli.console import console, info, progress
-from rechannel.cli.jsonl import dumps, stdout_buffer, write_json
+from .console import console, info, progress
+from .jsonl import dumps, stdout_buffer, write_json
 
 
 class QuestionWriter:
@@ -53,9 +53,9 @@ class QuestionWriter:
 def run(lm: Any, view: Any, scorers: list[Any], verifier: Any, cfg: Any, questions: list[Any], old_q: list[dict],
         old_nodes: list[dict], writer: QuestionWriter, output: str, max_questions: int | None, plot: str | None,
         config: dict[str, Any]) -> None:
-    from rechannel.ops.align import Diagnosis, Scorer
-    from rechannel.ops.align_summary import summarise
-    from rechannel.ops.contexts import prompt_ids
+    from ..ops.align.contexts import prompt_ids
+    from ..ops.align.diagnosis import Diagnosis, Scorer
+    from ..ops.align.summary import summarise
 
     done = {q["question"] for q in old_q}
     analysed = sum(q["selected"] for q in old_q)
@@ -87,7 +87,7 @@ def run(lm: Any, view: Any, scorers: list[Any], verifier: Any, cfg: Any, questio
     write_json(output, summary)
     print_table(summary, names)
     if plot:
-        from rechannel.cli.plots import alignment_figures
+        from .plots import alignment_figures
 
         alignment_figures(plot, all_nodes, names)
 
@@ -107,7 +107,7 @@ def print_table(summary: dict, teachers: list[str]) -> None:
     """Mean alignment (share positive, nodes with signal) per teacher and rollout correctness, on stderr."""
     from rich.table import Table
 
-    from rechannel.ops.align_summary import finding
+    from ..ops.align.summary import finding
 
     q = summary["questions"]
     title = (f"align: {q['selected']} of {q['seen']} questions analysed, {summary['nodes']} nodes, "

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rechannel.cli import options
+from . import options
 
 Data = Annotated[str, typer.Option("--data", "-d", help="JSONL of documents ('-' = stdin).")]
 Field = Annotated[str, typer.Option(help="The record field holding the text.")]
@@ -21,7 +21,7 @@ BatchSize = Annotated[int, typer.Option(min=1, help="Windows per forward batch (
 
 def parse_range(text: str) -> slice:
     """'500:1000' -> slice(500, 1000); '' -> everything. Half-open, like a Python slice."""
-    from rechannel.ops.errors import UserError
+    from ..ops.core.errors import UserError
 
     if not text:
         return slice(None)
@@ -36,8 +36,8 @@ def parse_range(text: str) -> slice:
 
 def load_texts(data: str, field: str, docs: str) -> list[str]:
     """The texts of `data` (JSONL) in the range `docs`; every record checked before any work starts."""
-    from rechannel.ops.errors import UserError
-    from rechannel.ops.records import read_jsonl
+    from ..ops.core.errors import UserError
+    from ..ops.core.records import read_jsonl
 
     records = read_jsonl(data, require=(field,))
     texts = [r.field(field, str) for r in records][parse_range(docs)]
@@ -72,13 +72,14 @@ def calibrate_command(
 
     The output holds the token windows (so compress reuses exactly these samples), each Linear's per-input-channel squared norms, and with --hessian its H, both float32 running means over windows as the reference code keeps them. Stdout: one JSON summary line.
     """
-    from rechannel.cli.artifacts import Provenance, save_artifact
-    from rechannel.cli.console import progress
-    from rechannel.cli.jsonl import STDIO, JsonlWriter
-    from rechannel.ops.blocks import decoder_blocks
-    from rechannel.ops.calibration import calibrate, draw_windows, stats_to_tensors
-    from rechannel.ops.models import model_paths
-    from rechannel.ops.outputs import Input, Output, check_outputs
+    from ..ops.compress.calibration import calibrate, stats_to_tensors
+    from ..ops.core.artifacts import Provenance, save_artifact
+    from ..ops.core.blocks import decoder_blocks
+    from ..ops.core.models import model_paths
+    from ..ops.core.outputs import Input, Output, check_outputs
+    from ..ops.core.windows import draw_windows
+    from .console import progress
+    from .jsonl import STDIO, JsonlWriter
 
     t0 = time.perf_counter()
     check_outputs([Output("-o", output)], [Input("--data", data), *(Input("--model", p) for p in model_paths(model))])

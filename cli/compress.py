@@ -8,18 +8,17 @@ from typing import Annotated, Any
 
 import typer
 
-from rechannel.cli import options
-from rechannel.cli.calibrate import BatchSize, Docs, Field, Samples, Seed, Seqlen, Targets
-from rechannel.ops.errors import UserError
+from ..ops.core.errors import UserError
+from . import options
+from .calibrate import BatchSize, Docs, Field, Samples, Seed, Seqlen, Targets
 
 
 def _config(method: str, sparsity: float | None, pattern: str, quant: Any, targets: str, blocksize: int,
             percdamp: float, batch_size: int, error_tokens: int, true_sequential: bool = False) -> Any:
     """Validate every option before the model loads: a bad one is a one-line error and nothing is written."""
-    from rechannel.ops.compress import PRUNERS, PruneConfig
-    from rechannel.ops.errors import unknown_choice
-    from rechannel.ops.prune import parse_pattern
-    from rechannel.ops.quant import METHODS as QUANTIZERS
+    from ..ops.compress.masks import parse_pattern
+    from ..ops.compress.methods import PRUNERS, QUANTIZERS, PruneConfig
+    from ..ops.core.errors import unknown_choice
 
     if method not in PRUNERS + QUANTIZERS:
         raise unknown_choice("method", method, PRUNERS + QUANTIZERS)
@@ -52,8 +51,8 @@ def _config(method: str, sparsity: float | None, pattern: str, quant: Any, targe
 def _quant_spec(bits: int | None, group_size: int, sym: bool, act_order: bool, static_groups: bool,
                 fmt: str | None) -> tuple[Any, str]:
     """(QuantSpec or None, output format), checked."""
-    from rechannel.ops.errors import unknown_choice
-    from rechannel.ops.quant import QuantSpec, check_spec
+    from ..ops.compress.grid import QuantSpec, check_spec
+    from ..ops.core.errors import unknown_choice
 
     if fmt is not None and fmt not in ("packed", "dense"):
         raise unknown_choice("format", fmt, ["packed", "dense"])
@@ -70,9 +69,10 @@ def _quant_spec(bits: int | None, group_size: int, sym: bool, act_order: bool, s
 
 def _windows_and_stats(calib: str | None, stats: str | None, sequential: bool, lm: Any, calib_args: dict) -> tuple:
     """(windows or None, one-shot statistics or None, description of the calibration for the report)."""
-    from rechannel.cli.artifacts import load_artifact
-    from rechannel.cli.calibrate import load_texts
-    from rechannel.ops.calibration import draw_windows, stats_from_tensors
+    from ..ops.compress.calibration import stats_from_tensors
+    from ..ops.core.artifacts import load_artifact
+    from ..ops.core.windows import draw_windows
+    from .calibrate import load_texts
 
     if calib:
         texts = load_texts(calib, calib_args["field"], calib_args["docs"])
@@ -90,9 +90,9 @@ def _windows_and_stats(calib: str | None, stats: str | None, sequential: bool, l
 
 
 def _check_stats(stats: dict, lm: Any, cfg: Any, path: str) -> None:
-    from rechannel.ops.blocks import decoder_blocks
-    from rechannel.ops.calibration import select_targets
-    from rechannel.ops.compress import needs_hessian
+    from ..ops.compress.calibration import select_targets
+    from ..ops.compress.methods import needs_hessian
+    from ..ops.core.blocks import decoder_blocks
 
     for i, block in enumerate(decoder_blocks(lm.model)):
         for name in select_targets(block, cfg.targets):
@@ -145,19 +145,14 @@ def compress_command(
 
     wanda, sparsegpt and gptq use the reference sequential protocol with --calib (or --stats --sequential): each block is calibrated on the outputs of the already-compressed blocks before it. --stats alone compresses one-shot from dense statistics. Embeddings and lm_head are never compressed. Quantized models are written packed (model-packed.safetensors, which every rechannel command loads) unless --format dense.
     """
-    from rechannel.cli.console import progress
-    from rechannel.cli.jsonl import STDIO, JsonlWriter
-    from rechannel.ops.blocks import decoder_blocks
-    from rechannel.ops.compress import (
-        PRUNERS,
-        needs_data,
-        prune_one_shot,
-        prune_sequential,
-        write_stored_weights,
-    )
-    from rechannel.ops.models import model_paths, save_model
-    from rechannel.ops.outputs import Input, Output, check_outputs
-    from rechannel.ops.qlinear import save_packed
+    from ..ops.compress.methods import PRUNERS, needs_data
+    from ..ops.compress.protocols import prune_one_shot, prune_sequential, write_stored_weights
+    from ..ops.core.blocks import decoder_blocks
+    from ..ops.core.models import model_paths, save_model
+    from ..ops.core.outputs import Input, Output, check_outputs
+    from ..ops.core.qlinear import save_packed
+    from .console import progress
+    from .jsonl import STDIO, JsonlWriter
 
     t0 = time.perf_counter()
     check_outputs([Output("-o", output, "dir")], [*(Input("--model", p) for p in model_paths(model)),

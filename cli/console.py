@@ -55,7 +55,7 @@ def progress() -> Progress:
 
 def tame_libraries() -> None:
     """transformers' own warnings and tqdm bars: errors only, and no bars when nobody watches."""
-    from rechannel.ops.models import go_offline
+    from ..ops.core.models import go_offline
 
     go_offline()
     if not interactive():

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from rechannel.cli import options
-from rechannel.ops.errors import UserError
+from ..ops.core.errors import UserError
+from . import options
 
 AUTO_START = {"cuda": 64, "cpu": 32}  # --batch-size auto: first try (halved on out-of-memory on a GPU)
 CPU_TOKENS = 1024  # --batch-size auto on a CPU: also at most this many padded tokens per forward batch
@@ -17,7 +17,7 @@ CPU_TOKENS = 1024  # --batch-size auto on a CPU: also at most this many padded t
 
 def _ppl_stderr(ppl: float, nlls: list[float]) -> float | None:
     """Standard error of the perplexity by the delta method over windows: ppl * sd(nll) / sqrt(n)."""
-    from rechannel.ops.metrics import mean_stderr
+    from ..ops.evaluation.metrics import mean_stderr
 
     se = mean_stderr(nlls)
     return None if se is None else ppl * se
@@ -51,11 +51,11 @@ def _with_batch_size(run, requested: int | None, device: str):
 def _conditioning(lm: Any, prompts: str | None, route: str, layers: str) -> tuple[Any, dict[str, Any] | None]:
     """The soft-prompt bank and route, and what they cost in parameters. A bank trained for another model
     is refused (load_artifact checks its fingerprint)."""
-    from rechannel.cli.artifacts import load_prompt_bank
-    from rechannel.ops.blocks import decoder_blocks
-    from rechannel.ops.evaluate import Conditioning
-    from rechannel.ops.prompts import parse_route, router
-    from rechannel.ops.routing import parse_layers
+    from ..ops.core.artifacts import load_prompt_bank
+    from ..ops.core.blocks import decoder_blocks
+    from ..ops.evaluation.evaluator import Conditioning
+    from ..ops.recover.prompts import parse_route, router
+    from ..ops.recover.routing import parse_layers
 
     r = parse_route(route)
     if prompts is None:
@@ -80,7 +80,7 @@ def _window_prompts(lm: Any, cond: Any):
 
 def _run_ppl(lm: Any, task: Any, text: str, seqlen: int, stride: int | None, limit: int | None, batch_size: int,
              cond: Any, out: Any, advance) -> tuple[dict[str, Any], int]:
-    from rechannel.ops.perplexity import perplexity, sliding_perplexity
+    from ..ops.evaluation.perplexity import perplexity, sliding_perplexity
 
     t0 = time.perf_counter()
     stream = lm.tokenizer(text, return_tensors="pt").input_ids[0]
@@ -109,7 +109,7 @@ def _run_ppl(lm: Any, task: Any, text: str, seqlen: int, stride: int | None, lim
 
 def _run_examples(lm: Any, task: Any, examples: list, batch_size: int, cond: Any, out: Any, advance,
                   max_tokens: int | None) -> dict[str, Any]:
-    from rechannel.ops.evaluate import run_choice_task, run_qa_task
+    from ..ops.evaluation.evaluator import run_choice_task, run_qa_task
 
     if task.kind == "qa":
         run = run_qa_task(lm.model, lm.tokenizer, task.name, examples, batch_size, cond, advance)
@@ -127,8 +127,8 @@ def _check_outputs(output: str | None, model: str, data: str | None, prompts: st
                    task_files: list[str], data_dir: str) -> None:
     from pathlib import Path
 
-    from rechannel.ops.models import model_paths
-    from rechannel.ops.outputs import Input, Output, check_outputs
+    from ..ops.core.models import model_paths
+    from ..ops.core.outputs import Input, Output, check_outputs
 
     ins = [*(Input("--model", p) for p in model_paths(model)), Input("--data", data or ""),
            Input("--prompts", prompts or ""), Input("--adapter", adapter or ""),
@@ -140,7 +140,7 @@ def _summary(results: dict[str, Any]) -> None:
     """The results as a table on stderr, for the person watching."""
     from rich.table import Table
 
-    from rechannel.cli.console import console
+    from .console import console
 
     t = Table(title="eval")
     for col, justify in (("task", "left"), ("metric", "left"), ("value", "right"), ("± stderr", "right"),
@@ -201,10 +201,10 @@ def eval_command(
 
     Multiple choice is scored by the log-likelihood of each choice after the context (acc, and acc_norm dividing by the choice's length), with the context computed once per example; templates follow lm-evaluation-harness. Perplexity is exp(mean window NLL) over non-overlapping windows of --seqlen tokens, as GPTQ, SparseGPT and Wanda compute it.
     """
-    from rechannel import __version__
-    from rechannel.cli.console import progress
-    from rechannel.cli.jsonl import STDIO, JsonlWriter, write_json
-    from rechannel.ops.tasks import get_tasks, user_task
+    from ..ops.core.version import __version__
+    from ..ops.evaluation.tasks import get_tasks, user_task
+    from .console import progress
+    from .jsonl import STDIO, JsonlWriter, write_json
 
     if tasks is not None and not tasks.strip(","):
         raise UserError("--tasks is empty: name at least one task, e.g. --tasks arc_easy,wikitext2")
@@ -222,7 +222,7 @@ def eval_command(
     lm = options.load(model, device, dtype, trust_remote_code)
     extra: dict[str, Any] = {}
     if adapter:
-        from rechannel.ops.lora import merge_adapter
+        from ..ops.recover.lora import merge_adapter
 
         extra["adapter"] = vars(merge_adapter(lm.model, adapter))
     cond, bank_info = _conditioning(lm, prompts, route, layers)
@@ -266,7 +266,7 @@ def eval_command(
                       "extra_parameters": sum(v.get("parameters", 0) for v in extra.values())}}
     profile_task = next((t for t in chosen if t.kind not in ("ppl", "qa")), None)
     if attention_profile and profile_task is not None:
-        from rechannel.ops.evaluate import attention_profile as profile
+        from ..ops.evaluation.evaluator import attention_profile as profile
 
         examples = everything[profile_task.name][:attention_profile]
         doc["attention_profile"] = {"task": profile_task.name, "examples": len(examples),

@@ -6,14 +6,14 @@ from typing import Annotated
 
 import typer
 
-from rechannel.cli import options
-from rechannel.ops.errors import UserError
+from ..ops.core.errors import UserError
+from . import options
 
 
 def _inputs(prompts: list[str], input_path: str | None, field: str) -> tuple[list[dict], list[str]]:
     """Records to complete (one per PROMPT argument, or the JSONL input with every field kept), and where each
     came from for error messages; an empty prompt is refused here, before the model loads."""
-    from rechannel.ops.records import read_jsonl
+    from ..ops.core.records import read_jsonl
 
     if prompts and input_path:
         raise UserError("give PROMPT arguments or --input, not both")
@@ -53,10 +53,10 @@ def generate_command(
       echo '{"id": 7, "prompt": "2 + 2 ="}' | rechannel generate | jq -r .completion
       rechannel generate -i questions.jsonl --field question --stop $'\\n' -o answers.jsonl
     """
-    from rechannel.cli.jsonl import JsonlWriter
-    from rechannel.ops.generate import GenerateConfig, check_prompt_lengths, complete
-    from rechannel.ops.models import model_paths
-    from rechannel.ops.outputs import Input, Output, check_outputs
+    from ..ops.core.generate import GenerateConfig, check_prompt_lengths, complete
+    from ..ops.core.models import model_paths
+    from ..ops.core.outputs import Input, Output, check_outputs
+    from .jsonl import JsonlWriter
 
     check_outputs([Output("-o", output)], [Input("--input", input or ""), *(Input("--model", p) for p in model_paths(model))])
     records, where = _inputs(prompts or [], input, field)

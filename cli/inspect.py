@@ -13,13 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rechannel.cli.jsonl import STDIO, write_json
-from rechannel.cli.options import Json
-from rechannel.ops.errors import UserError
+from ..ops.core.errors import UserError
+from .jsonl import STDIO, write_json
+from .options import Json
 
 
 def _tensor_rows(files: list[Path]) -> list[dict[str, Any]]:
-    from rechannel.ops.tensorfile import read_header
+    from ..ops.core.tensorfile import read_header
 
     rows = []
     for f in files:
@@ -30,8 +30,8 @@ def _tensor_rows(files: list[Path]) -> list[dict[str, Any]]:
 
 
 def _describe_model(path: Path) -> dict[str, Any]:
-    from rechannel.ops.fingerprint import model_fingerprint, weight_files
-    from rechannel.ops.models import model_dir
+    from ..ops.core.fingerprint import model_fingerprint, weight_files
+    from ..ops.core.models import model_dir
 
     model_dir(str(path))
     config = jsonlib.loads((path / "config.json").read_text())
@@ -59,7 +59,7 @@ def _logical_parameters(tensors: list[dict[str, Any]], quantization: dict[str, A
 
 
 def _describe_file(path: Path) -> dict[str, Any]:
-    from rechannel.ops.tensorfile import parse_metadata, read_header
+    from ..ops.core.tensorfile import parse_metadata, read_header
 
     metadata = parse_metadata(read_header(path).metadata)
     tensors = _tensor_rows([path])
@@ -71,7 +71,7 @@ def _describe_file(path: Path) -> dict[str, Any]:
 
 def describe(target: str) -> dict[str, Any]:
     """Everything `inspect` shows, as one JSON-able dict. An alias means its cached directory."""
-    from rechannel.ops import models as m
+    from ..ops.core import models as m
 
     path = Path(target).expanduser()
     if target in m.BUILTIN_MODELS and not path.exists():

@@ -17,10 +17,10 @@ from typing import IO, Any
 
 import orjson
 
-from rechannel.cli.console import warn
-from rechannel.ops.atomic import atomic_open
-from rechannel.ops.errors import UserError
-from rechannel.ops.records import STDIO
+from ..ops.core.atomic import atomic_open
+from ..ops.core.errors import UserError
+from ..ops.core.records import STDIO
+from .console import warn
 
 
 def _to_json(obj: Any) -> Any:

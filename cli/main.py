@@ -15,20 +15,9 @@ import traceback
 
 import typer
 
-from rechannel import __version__
-from rechannel.cli import (
-    align,
-    calibrate,
-    compress,
-    eval,
-    generate,
-    inspect,
-    models,
-    route,
-    table,
-    train_prompts,
-)
-from rechannel.ops.errors import UserError
+from ..ops.core.errors import UserError
+from ..ops.core.version import __version__
+from . import align, calibrate, compress, eval, generate, inspect, models, route, table, train_prompts
 
 HELP = """Compress a causal LM, measure what it lost, and win the knowledge back with routed soft prompts.
 

@@ -8,8 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rechannel.cli.jsonl import STDIO, JsonlWriter
-from rechannel.cli.options import Json
+from .jsonl import STDIO, JsonlWriter
+from .options import Json
 
 app = typer.Typer(
     help="""List the built-in model aliases, or convert one into the cache.
@@ -27,8 +27,8 @@ Converting a GGUF source takes about 20 s, once; the cache is $RECHANNEL_CACHE (
 
 
 def _alias_rows() -> list[dict]:
-    from rechannel.ops import models as m
-    from rechannel.ops.errors import UserError
+    from ..ops.core import models as m
+    from ..ops.core.errors import UserError
 
     rows = []
     for alias in m.BUILTIN_MODELS.values():
@@ -80,8 +80,8 @@ def prepare_command(
       rechannel models prepare
       rechannel inspect "$(rechannel models prepare smollm2-135m)"
     """
-    from rechannel.cli.console import info, tame_libraries
-    from rechannel.ops import models as m
+    from ..ops.core import models as m
+    from .console import info, tame_libraries
 
     tame_libraries()
     info(f"preparing {name} (a GGUF source takes about 20 s the first time) ...")

@@ -18,8 +18,8 @@ Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on std
 
 def load(model: str, device: str, dtype: str, trust_remote_code: bool):  # -> rechannel.ops.models.LoadedModel
     """The model the shared options name, with the libraries' own logging tamed first."""
-    from rechannel.cli.console import tame_libraries
-    from rechannel.ops.models import load_model
+    from ..ops.core.models import load_model
+    from .console import tame_libraries
 
     tame_libraries()
     return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -28,13 +28,13 @@ def load(model: str, device: str, dtype: str, trust_remote_code: bool):  # -> re
 def load_teacher(spec: str, lm: Any, device: str, dtype: str, trust_remote_code: bool) -> Any:
     """A teacher for `lm`: refused unless it shares its vocabulary (distributions are compared token by token)
     and, when `lm` records it as its source, unless its fingerprint is still the recorded one."""
-    from rechannel.ops.errors import UserError
+    from ..ops.core.errors import UserError
 
     teacher = load(spec, device, dtype, trust_remote_code)
     if teacher.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
         raise UserError(f"the teacher {spec!r} has another vocabulary than the model; teacher and student "
                         "distributions are compared token by token, so both must share one tokenizer")
-    from rechannel.ops.align import logit_width
+    from ..ops.align.diagnosis import logit_width
 
     widths = [logit_width(m) for m in (lm.model, teacher.model)]
     if min(widths) < len(lm.tokenizer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rechannel.ops.errors import UserError
+from ..ops.core.errors import UserError
 
 
 def _pyplot() -> Any:
@@ -20,7 +20,7 @@ def _pyplot() -> Any:
 
 def attention_figure(path: str, curves: list[tuple[str, str, list[float]]]) -> None:
     """One line per run: (label, what the mass is on, per-layer mass) against the layer index."""
-    from rechannel.ops.atomic import atomic_path
+    from ..ops.core.atomic import atomic_path
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -49,7 +49,7 @@ def alignment_figures(directory: str, nodes: list[dict], teachers: list[str], gr
     alignment on correct and on incorrect rollouts."""
     from pathlib import Path
 
-    from rechannel.ops.atomic import atomic_path
+    from ..ops.core.atomic import atomic_path
 
     plt = _pyplot()
     Path(directory).mkdir(parents=True, exist_ok=True)

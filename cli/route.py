@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from rechannel.cli import options
-from rechannel.ops.errors import unknown_choice
+from ..ops.core.errors import unknown_choice
+from . import options
 
 
 def route_command(
@@ -35,14 +35,14 @@ def route_command(
 
     The prompts' keys and values are computed once; each input then runs once with every prompt in front of it (each at the positions it was trained at) and the prompt that receives the most attention from the input's tokens (mean over heads, tokens and --layers) is chosen. The record gains "route": {"prompt", "scores", "by", "layers"}.
     """
-    from rechannel.cli.artifacts import load_prompt_bank
-    from rechannel.cli.console import progress
-    from rechannel.cli.jsonl import JsonlWriter
-    from rechannel.ops.blocks import decoder_blocks
-    from rechannel.ops.models import model_paths
-    from rechannel.ops.outputs import Input, Output, check_outputs
-    from rechannel.ops.records import read_jsonl
-    from rechannel.ops.routing import BY, bank_kv, parse_layers, route_rows, routing_ids
+    from ..ops.core.artifacts import load_prompt_bank
+    from ..ops.core.blocks import decoder_blocks
+    from ..ops.core.models import model_paths
+    from ..ops.core.outputs import Input, Output, check_outputs
+    from ..ops.core.records import read_jsonl
+    from ..ops.recover.routing import BY, bank_kv, parse_layers, route_rows, routing_ids
+    from .console import progress
+    from .jsonl import JsonlWriter
 
     if by not in BY:
         raise unknown_choice("by", by, BY)

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from rechannel.cli.options import Json
-from rechannel.ops.errors import UserError
+from ..ops.core.errors import UserError
+from .options import Json
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def _is_plain(doc: dict[str, Any]) -> bool:
 def _recovery(rows: list[dict[str, Any]], docs: list[dict[str, Any]]) -> list[str]:
     """Add the average score, the share of the compression loss recovered (against the plain run of the same
     model and the plain dense run), extra parameters and latency to each row; notes for under the table."""
-    from rechannel.ops.metrics import average_score, ms_per_example, recovered_share
+    from ..ops.evaluation.metrics import average_score, ms_per_example, recovered_share
 
     avg = [average_score(d["results"]) for d in docs]
     ppl = [-((d["results"].get("wikitext2") or {}).get("ppl,none") or float("nan")) for d in docs]  # higher is better
@@ -149,14 +149,14 @@ def _check_metrics(wanted: set[str], columns: list[str]) -> None:
     found = {"size" if c == "size MB" else c.split(" ")[-1] for c in columns}
     missing = sorted(wanted - found)
     if missing:
-        from rechannel.ops.errors import did_you_mean
+        from ..ops.core.errors import did_you_mean
 
         raise UserError(f"--metrics: no file has the metric {missing[0]!r}{did_you_mean(missing[0], found)}; "
                         f"the files have: {', '.join(sorted(found))}")
 
 
 def _plot(path: str, results: list[str], rows: list[dict[str, Any]]) -> None:
-    from rechannel.cli.plots import attention_figure
+    from .plots import attention_figure
 
     curves = []
     for p, row in zip(results, rows, strict=True):
@@ -195,7 +195,7 @@ def table_command(
     if json and markdown:
         raise UserError("--json and --markdown: choose one output format")
     if plot_attention:
-        from rechannel.ops.outputs import Input, Output, check_outputs
+        from ..ops.core.outputs import Input, Output, check_outputs
 
         check_outputs([Output("--plot-attention", plot_attention)], [Input("RESULTS", p) for p in results])
     wanted = {m.strip() for m in metrics.split(",") if m.strip()} if metrics is not None else None
@@ -211,7 +211,7 @@ def table_command(
         notes = _recovery(rows, [_load(p) for p in results])
         columns += RECOVERY_COLUMNS
     if json:
-        from rechannel.cli.jsonl import STDIO, JsonlWriter  # noqa: I001
+        from .jsonl import STDIO, JsonlWriter  # noqa: I001
 
         with JsonlWriter(STDIO) as out:
             out.write_all(rows)

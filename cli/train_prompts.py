@@ -8,9 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from rechannel.cli import options
-from rechannel.cli.calibrate import Data, Docs, Field, load_texts
-from rechannel.ops.errors import UserError
+from ..ops.core.errors import UserError
+from . import options
+from .calibrate import Data, Docs, Field, load_texts
 
 CKPT_KIND = "training-checkpoint"
 RESUME_FREE = ("steps", "save_every", "log")  # may change on --resume
@@ -30,8 +30,8 @@ def default_teacher(lm: Any) -> str:
 
 def _resume(output: str, args: dict[str, Any], fingerprint: str) -> Any:
     """The checkpoint's training state, after checking it belongs to this very run."""
-    from rechannel.cli.artifacts import load_artifact
-    from rechannel.ops.training import ADAM_KEYS, TrainState
+    from ..ops.core.artifacts import load_artifact
+    from ..ops.recover.training import ADAM_KEYS, TrainState
 
     path = checkpoint_path(output)
     if not path.exists():
@@ -49,7 +49,7 @@ def _resume(output: str, args: dict[str, Any], fingerprint: str) -> Any:
 def _save_checkpoint(output: str, state: Any, provenance: Any) -> None:
     from dataclasses import replace
 
-    from rechannel.cli.artifacts import save_artifact
+    from ..ops.core.artifacts import save_artifact
 
     save_artifact(checkpoint_path(output), {**state.params, **state.adam},
                   replace(provenance, kind=CKPT_KIND, extra={"step": state.step, "counts": state.counts}))
@@ -59,7 +59,7 @@ def _trim_log(path: str, step: int) -> None:
     """Keep the loss-curve records up to `step` (a run that died after its last checkpoint logged more)."""
     import orjson
 
-    from rechannel.ops.atomic import atomic_open
+    from ..ops.core.atomic import atomic_open
 
     lines = Path(path).read_bytes().splitlines() if Path(path).exists() else []
     with atomic_open(path) as f:
@@ -74,7 +74,7 @@ def write_peft(out_dir: str, config: dict[str, Any], tensors: dict[str, Any]) ->
 
     from safetensors.torch import save_file
 
-    from rechannel.ops.atomic import atomic_path
+    from ..ops.core.atomic import atomic_path
 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -125,9 +125,9 @@ def train_prompts_command(
 
     Windows of --seqlen tokens are drawn from the documents (seeded, as calibration draws them). With --objective kd the teacher is the dense model the compressed one was made from, unless --teacher names another (same tokenizer required). Each window trains the prompt the router picks (--assign router), so the prompts specialise. --method lora trains the re-training baseline on the same windows and objective and writes a PEFT adapter directory (eval --adapter). Stdout: one JSON summary line.
     """
-    from rechannel.cli.console import progress
-    from rechannel.cli.jsonl import STDIO, JsonlWriter
-    from rechannel.ops.calibration import draw_windows
+    from ..ops.core.windows import draw_windows
+    from .console import progress
+    from .jsonl import STDIO, JsonlWriter
 
     if method not in ("prompts", "lora"):
         raise UserError(f"--method {method!r}: expected prompts or lora")
@@ -159,8 +159,8 @@ def train_prompts_command(
 
 def _check_outputs(output: str, method: str, log: str | None, export_dir: str | None, save_every: int, data: str,
                    model: str, teacher: str | None) -> None:
-    from rechannel.ops.models import model_paths
-    from rechannel.ops.outputs import Input, Output, check_outputs
+    from ..ops.core.models import model_paths
+    from ..ops.core.outputs import Input, Output, check_outputs
 
     outs = [Output("-o", output, "dir" if method == "lora" else "file"), Output("--log", log or ""),
             Output("--export-peft", export_dir or "", "dir")]
@@ -172,14 +172,14 @@ def _check_outputs(output: str, method: str, log: str | None, export_dir: str | 
 
 
 def _provenance(lm: Any, model: str, args: dict[str, Any]) -> Any:
-    from rechannel.cli.artifacts import Provenance
+    from ..ops.core.artifacts import Provenance
 
     return Provenance("prompt-bank", model, lm.fingerprint, args)
 
 
 def _start(output: str, args: dict[str, Any], lm: Any, init: Any, resume: bool, log: str | None) -> Any:
     """The state to train from: the checkpoint's with --resume, else a fresh one; the log trimmed to it."""
-    from rechannel.ops.training import TrainState
+    from ..ops.recover.training import TrainState
 
     state = _resume(output, args, lm.fingerprint) if resume else TrainState(init())
     if state.step >= args["steps"]:
@@ -192,11 +192,11 @@ def _start(output: str, args: dict[str, Any], lm: Any, init: Any, resume: bool, 
 def _bank_job(lm: Any, args: dict[str, Any], output: str, num_prompts: int, prompt_len: int, assign: str, layers: str,
               init: str, member: int, export_dir: str | None) -> dict[str, Any]:
     """What a prompt bank run initialises, trains and writes."""
-    from rechannel.cli.artifacts import Provenance, save_artifact
-    from rechannel.ops.blocks import decoder_blocks
-    from rechannel.ops.prompt_training import PromptTrainConfig, init_bank, train_prompts
-    from rechannel.ops.prompts import peft_prompt_config
-    from rechannel.ops.routing import parse_layers
+    from ..ops.core.artifacts import Provenance, save_artifact
+    from ..ops.core.blocks import decoder_blocks
+    from ..ops.recover.prompt_training import PromptTrainConfig, init_bank, train_prompts
+    from ..ops.recover.prompts import peft_prompt_config
+    from ..ops.recover.routing import parse_layers
 
     picked = tuple(parse_layers(layers, len(decoder_blocks(lm.model))))
     cfg = PromptTrainConfig(num_prompts, prompt_len, args["objective"], assign, args["steps"], args["lr"],
@@ -224,8 +224,8 @@ def _bank_job(lm: Any, args: dict[str, Any], output: str, num_prompts: int, prom
 
 def _lora_job(lm: Any, args: dict[str, Any], output: str, rank: int, alpha: float, targets: str) -> dict[str, Any]:
     """What a LoRA run initialises, trains and writes (a PEFT adapter directory)."""
-    from rechannel.ops.lora import lora_parameters, peft_lora_config
-    from rechannel.ops.lora_training import LoraTrainConfig, init_lora, train_lora
+    from ..ops.recover.lora import lora_parameters, peft_lora_config
+    from ..ops.recover.lora_training import LoraTrainConfig, init_lora, train_lora
 
     names = tuple(t.strip() for t in targets.split(",") if t.strip())
     cfg = LoraTrainConfig(rank, alpha, names, args["objective"], args["steps"], args["lr"], args["batch"], args["seed"])
@@ -248,7 +248,7 @@ def _lora_job(lm: Any, args: dict[str, Any], output: str, rank: int, alpha: floa
 def _run(train, teacher_lm, windows, state, output, provenance, log, save_every, steps, label,
          progress) -> tuple[Any, float]:
     """The training loop with its progress bar, loss log and checkpoints: (final state, last step's loss)."""
-    from rechannel.cli.jsonl import dumps
+    from .jsonl import dumps
 
     last = {"loss": float("nan")}
     log_file = open(log, "ab") if log else None  # noqa: SIM115 -- appended per step, closed below

@@ -12,10 +12,10 @@ import random
 import pytest
 import torch
 
-from rechannel.ops.align import choose_nodes, depth_windows
-from rechannel.ops.align_summary import describe
-from rechannel.ops.alignment import Candidates, on_candidates, over_vocabulary
-from rechannel.ops.vocab_stats import vocab_stats_torch
+from rechannel.ops.align.alignment import Candidates, on_candidates, over_vocabulary
+from rechannel.ops.align.diagnosis import choose_nodes, depth_windows
+from rechannel.ops.align.summary import describe
+from rechannel.ops.align.vocab_stats import vocab_stats_torch
 
 BETA = 0.4
 
@@ -29,6 +29,7 @@ def test_hand_built_case():
     q = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
     s = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)
     out = on_candidates(p.log(), q.log(), s, BETA)
+    # 1e-12 below: float64 on 3 terms of magnitude ≤ 1 (through log, exp and decimal constants): a few u64
     # V = 0.3 + 0.1 = 0.4; g_ideal = (-0.2, 0.18, 0.02); forward KL: q - p = (-0.3, 0.2, 0.1)
     assert out["align"]["fkl"] == pytest.approx(0.098 / (math.sqrt(0.0728) * math.sqrt(0.14)), abs=1e-12)
     assert out["advantage"] == pytest.approx(0.25, abs=1e-12)  # ⟨q - p, S⟩ = 0 + 0.2 + 0.05
@@ -85,7 +86,7 @@ def test_closed_forms_on_k_equal_autograd():
     lp, lq = zp.log_softmax(-1) + math.log(0.3), zq.log_softmax(-1) + math.log(0.7)  # K's mass: renormalised inside
     ref = _autograd_gradients(zp, zq.softmax(-1), s, y=0, adv=float(lq[0] - lp[0]))  # A from the full vocabulary
     out = on_candidates(lp, lq, s, BETA)
-    for name in ("rkl", "fkl", "jsd", "sampled"):
+    for name in ("rkl", "fkl", "jsd", "sampled"):  # float64, 6 terms of O(1) logits: ~10·u64, 1e-10 is ample
         assert out["align"][name] == pytest.approx(_cos(ref["ideal"], ref[name]), abs=1e-10), name
 
 
@@ -109,6 +110,9 @@ def test_full_vocabulary_cosines_equal_autograd(peak):
     lp = zp.float().double().log_softmax(-1)[cands]
     lq = zq.float().double().log_softmax(-1)[cands]
     got = over_vocabulary(Candidates(cands, lp, s_k), lq, stats, BETA)
+    # float32 statistics over V = 50 logits |z| ≲ 20 (and the logits rounded to float32, which the reference
+    # is not): log-probs off by ~|z|·u ≈ 1e-6, their sums by V·u; the centred norms (spread ~1) by ≲ 1e-5
+    # relative, so a cosine by ≲ 2e-5; 2e-4 leaves 10x
     for name in ("rkl", "fkl", "jsd", "sampled"):
         assert got[name] == pytest.approx(_cos(ideal, ref[name]), abs=2e-4), name
 
@@ -141,6 +145,7 @@ def test_nodes_are_shared_equally_between_correct_and_incorrect_rollouts():
 
 def test_describe():
     d = describe([-1.0, 0.5, 2.0, 0.5])
+    # dyadic data: fmean and pstdev (exact fractions inside) round once, as math.sqrt does
     assert d == {"n": 4, "mean": 0.5, "median": 0.5, "std": pytest.approx(math.sqrt(1.125)), "share_positive": 0.75}
     assert describe([])["mean"] is None
     assert describe([None, 1.0, math.inf, 3.0]) == describe([1.0, 3.0])  # undefined and infinite: left out
@@ -205,11 +210,14 @@ def test_a_confident_student_keeps_every_cosine(case, kernel):
     vocab = over_vocabulary(Candidates(cands, lp, s), lq, stats, BETA)
     want_k = _mp_cosines(zp, zq, cands, s, BETA, on_k_only=True)
     want_v = _mp_cosines(zp, zq, cands, s, BETA, on_k_only=False)
+    # on K: float64 through y keeps each component's relative accuracy (~|K|·u64·|z| ≈ 1e-14, |z| ≤ 43)
+    # even at p_y = 1 − 1e-17: 1e-9 is ample; over the vocabulary the float32 statistics (V = 60, |z| ≤ 43)
+    # carry ~|z|·u ≈ 3e-6 in each log-prob and V·u in each sum: ≲ 2e-5 in a cosine, and 1e-4 leaves 5x
     for name in ("rkl", "fkl", "jsd", "sampled"):
         assert on_k[name] == pytest.approx(want_k[name], abs=1e-9), (name, on_k[name], want_k[name])
         assert vocab[name] == pytest.approx(want_v[name], abs=1e-4), (name, vocab[name], want_v[name])
     if case == "hand":  # a two-token K: every gradient is ±(1, −1), and all four point away from success
-        assert all(v == pytest.approx(-1.0, abs=1e-9) for v in on_k.values())
+        assert all(v == pytest.approx(-1.0, abs=1e-9) for v in on_k.values())  # float64, as on K above
 
 
 def kernel_vocab_stats(zp, zq, y, beta):
@@ -225,5 +233,5 @@ def test_a_candidate_whose_probability_underflows_keeps_the_cosines_finite():
     lq = torch.tensor([-1.0, -0.5, -3.0], dtype=torch.float64)
     far = on_candidates(torch.tensor([-0.1, -2.4, -900.0], dtype=torch.float64), lq, s, BETA)
     near = on_candidates(torch.tensor([-0.1, -2.4, -700.0], dtype=torch.float64), lq, s, BETA)
-    for name in ("rkl", "fkl", "jsd", "sampled"):
+    for name in ("rkl", "fkl", "jsd", "sampled"):  # e^-700 terms (~1e-304) vanish against O(1) in float64
         assert math.isfinite(far["align"][name]) and far["align"][name] == pytest.approx(near["align"][name], abs=1e-12)

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from rechannel.cli.artifacts import Provenance, load_artifact, read_provenance, save_artifact
-from rechannel.ops.errors import UserError
-from rechannel.ops.tensorfile import read_header
+from rechannel.ops.core.artifacts import Provenance, load_artifact, read_provenance, save_artifact
+from rechannel.ops.core.errors import UserError
+from rechannel.ops.core.tensorfile import read_header
 
 
 def _bank(tmp_path, fingerprint="aaaa0000bbbb1111"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rechannel.ops.atomic import atomic_open, atomic_path
+from rechannel.ops.core.atomic import atomic_open, atomic_path
 
 
 def test_file_appears_only_on_success(tmp_path):

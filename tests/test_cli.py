@@ -10,7 +10,7 @@ import orjson
 import torch
 
 from conftest import run_cli
-from rechannel.ops.fingerprint import model_fingerprint
+from rechannel.ops.core.fingerprint import model_fingerprint
 
 
 def _greedy_reference(model_dir, prompt: str, n: int) -> list[int]:
@@ -95,7 +95,7 @@ def test_inspect_model_directory_json(tiny_model):
 
 
 def test_inspect_artifact_shows_provenance_in_a_table(tmp_path):
-    from rechannel.cli.artifacts import Provenance, save_artifact
+    from rechannel.ops.core.artifacts import Provenance, save_artifact
 
     path = tmp_path / "stats.safetensors"
     save_artifact(path, {"x": torch.ones(3, 2)}, Provenance("calibration-stats", "smollm2-135m", "0123456789abcdef"))

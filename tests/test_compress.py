@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_docs, make_tiny_llama, run_cli
-from rechannel.ops.blocks import decoder_blocks, linear_layers
-from rechannel.ops.calibration import draw_windows
-from rechannel.ops.compress import PruneConfig, prune_sequential
-from rechannel.ops.models import load_model
-from rechannel.ops.prune import Pattern
+from rechannel.ops.compress.masks import Pattern
+from rechannel.ops.compress.protocols import PruneConfig, prune_sequential
+from rechannel.ops.core.blocks import decoder_blocks, linear_layers
+from rechannel.ops.core.models import load_model
+from rechannel.ops.core.windows import draw_windows
 
 
 def reference_sequential_wanda(model, windows, sparsity):
@@ -64,7 +64,13 @@ def test_relative_error_is_measured_on_the_layer_inputs(tiny_model):
     x = torch.cat(x).double()
     want = ((x @ (dense_w.double() - layer.weight.double()).t()).norm() / (x @ dense_w.double().t()).norm()).item()
     got = next(r.rel_error for r in report.layers if r.name == "layers.0.self_attn.q_proj")
-    assert got == pytest.approx(want, rel=1e-4)
+    # same inputs (block 0's, from the same 4-window batch); the meter's float32 matmuls (k = d_in) are
+    # within e = k·u·|x|(|W| + |W'|) of exact, moving ||WX − W'X|| and ||WX|| by ≤ ||e||, and its float32
+    # Σ of the N = tokens·rows squares adds ≤ (N + 1)·u: ≈ 5e-4
+    e = x.shape[1] * 2**-24 * (x.abs() @ (dense_w.abs() + layer.weight.abs()).double().t())
+    moved = e.norm() / (x @ (dense_w.double() - layer.weight.double()).t()).norm() \
+        + e.norm() / (x @ dense_w.double().t()).norm()
+    assert got == pytest.approx(want, rel=moved.item() + (e.numel() + 1) * 2**-24)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +97,8 @@ def test_stats_sequential_reuses_the_stored_windows(tiny_model, docs_file, stats
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a["protocol"] == b["protocol"] == "sequential"
+    # a count, not rounding: a SparseGPT block prunes int(numel/2) + 1 entries (the threshold one too) and
+    # ties at the threshold; 0.01 leaves room for those, never for a wrong sparsity
     assert a["totals"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     c = _compress(tiny_model, tmp_path / "c", "--method", "sparsegpt", "--stats", str(stats_h), "--sequential",
                   "--true-sequential")
@@ -158,4 +166,6 @@ def test_cuda_kernels_prune_like_the_cpu_path(tiny_model, method, pattern):
     for (name, a), (_, b) in zip(cpu.model.named_parameters(), gpu.model.named_parameters(), strict=True):
         mismatch = ((a == 0) != (b.cpu() == 0)).float().mean().item()
         assert mismatch < 0.002, (name, mismatch)  # GPU matmuls round differently; masks agree but for near-ties
+        # no rounding bound: a near-tie mask flip re-routes its row's OBS updates and every later block's
+        # inputs, so entries may differ by a weight's size (std 0.02); only a sanity check beside the masks
         torch.testing.assert_close(b.cpu(), a, rtol=0.05, atol=0.02)

@@ -7,12 +7,21 @@ import math
 
 import pytest
 import torch
+from tolerances import U32, log_softmax_error, logit_bound, logit_error
 
 from conftest import make_docs, run_cli
-from rechannel.ops.errors import UserError
-from rechannel.ops.models import load_model
-from rechannel.ops.perplexity import perplexity, wikitext2_text
-from rechannel.ops.tasks import get_tasks
+from rechannel.ops.core.errors import UserError
+from rechannel.ops.core.models import load_model
+from rechannel.ops.evaluation.perplexity import perplexity, wikitext2_text
+from rechannel.ops.evaluation.tasks import get_tasks
+
+
+def _ppl_rtol(model, tokens: int, ppl: float, dz: float) -> float:
+    """ppl = exp(mean NLL), so its relative error is the mean NLL's abs error: per token, the float32
+    log-softmax's own (log_softmax_error) and 2·dz from logits off by ≤ dz between the two sides; per window,
+    the float32 Σ and division of `tokens` losses ≤ NLL each ((tokens + 1)·u·NLL)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return log_softmax_error(vocab, logit_bound(model)) + 2 * dz + (tokens + 1) * U32 * math.log(ppl)
 
 
 def test_perplexity_equals_the_reference_formula_in_float64(tiny_model):
@@ -29,7 +38,10 @@ def test_perplexity_equals_the_reference_formula_in_float64(tiny_model):
             nlls.append(loss * seqlen)
     want = math.exp(torch.stack(nlls).sum().item() / (n * seqlen))
     got = perplexity(lm.model, stream, seqlen, batch_size=3)
-    assert got.windows == n and got.perplexity == pytest.approx(want, rel=1e-5)
+    # float32 CE of batches of 3 against float64 log-softmax of forwards one window at a time: the two
+    # float32 forwards' logits are each within logit_error of exact (tests/tolerances.py): ≈ 6e-4
+    rtol = _ppl_rtol(lm.model, seqlen - 1, want, 2 * logit_error(lm.model, seqlen))
+    assert got.windows == n and got.perplexity == pytest.approx(want, rel=rtol)
     assert perplexity(lm.model, stream, seqlen, limit=2).windows == 2
     with pytest.raises(UserError, match="fewer than one window"):
         perplexity(lm.model, stream[:10], seqlen)
@@ -58,11 +70,12 @@ def test_eval_writes_results_in_harness_layout(tiny_model, tmp_path):
     doc = json.loads(out.read_text())
     res = doc["results"]["wikitext2"]
     assert len(windows) == 5 == res["windows"] and doc["n-samples"]["wikitext2"]["effective"] == 5
-    mean = sum(w["nll"] for w in windows) / 5
+    mean = sum(w["nll"] for w in windows) / 5  # the records' float64 NLLs: ppl is exp of their torch mean,
+    # which differs from this Σ/5 by ≤ 5·u64 relative: approx's 1e-6 is ample
     assert res["ppl,none"] == pytest.approx(math.exp(mean)) and res["ppl_stderr,none"] > 0
     assert doc["config"]["seqlen"] == 32 and doc["config"]["fingerprint"]
     r = run_cli("table", str(out), "--json")
-    assert json.loads(r.stdout)["wikitext2 ppl"] == pytest.approx(res["ppl,none"])
+    assert json.loads(r.stdout)["wikitext2 ppl"] == pytest.approx(res["ppl,none"])  # same float via JSON
 
 
 def test_eval_missing_file_names_the_path_and_data_dir(tiny_model, tmp_path):
@@ -72,7 +85,7 @@ def test_eval_missing_file_names_the_path_and_data_dir(tiny_model, tmp_path):
 
 
 def test_sliding_perplexity_scores_every_token_once_with_the_longest_context(tiny_model):
-    from rechannel.ops.perplexity import sliding_perplexity
+    from rechannel.ops.evaluation.perplexity import sliding_perplexity
 
     lm = load_model(str(tiny_model), device="cpu")
     stream = lm.tokenizer(" ".join(make_docs(8)), return_tensors="pt").input_ids[0][:150]
@@ -88,7 +101,11 @@ def test_sliding_perplexity_scores_every_token_once_with_the_longest_context(tin
             count += 1
     got = sliding_perplexity(lm.model, stream, seqlen, stride)
     assert got.tokens_scored == count == stream.numel() - 1
-    assert got.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+    # the same decoder call on the same window; only the head runs on other rows, each side within
+    # d·u·|h||W| (k = d) of exact; float32 CE against float64 log-softmax as in _ppl_rtol: ≈ 4e-5
+    want = math.exp(total / count)
+    head = lm.model.config.hidden_size * U32 * logit_bound(lm.model)
+    assert got.perplexity == pytest.approx(want, rel=_ppl_rtol(lm.model, seqlen - 1, want, 2 * head))
     with pytest.raises(UserError, match="--stride 50"):
         sliding_perplexity(lm.model, stream, seqlen, 50)
 
@@ -116,6 +133,7 @@ def test_eval_multiple_choice_records_and_results(tiny_model, tmp_path):
         lls = rec["loglik"]
         assert rec["pred"] == max(range(len(lls)), key=lambda i: lls[i]) and rec["correct"] == (rec["pred"] == 0)
         assert rec["pred_norm"] == max(range(len(lls)), key=lambda i: lls[i] / len(ch[i]))
+    # the same float64 Σ/3 of the same 0/1 values, in the same order, as ops/evaluate.py: exact
     assert res["acc,none"] == pytest.approx(sum(x["acc"] for x in records) / 3)
     assert res["acc_norm,none"] == pytest.approx(sum(x["acc_norm"] for x in records) / 3)
     assert res["examples_per_s"] > 0 and json.loads(out.read_text())["config"]["extra_parameters"] == 0
@@ -129,8 +147,8 @@ def test_eval_multiple_choice_records_and_results(tiny_model, tmp_path):
 
 
 def test_eval_with_a_prompt_bank_and_a_lora_adapter(tiny_model, tmp_path):
-    from rechannel.cli.artifacts import Provenance, save_artifact
-    from rechannel.ops.models import model_fingerprint
+    from rechannel.ops.core.artifacts import Provenance, save_artifact
+    from rechannel.ops.core.models import model_fingerprint
 
     data = _mc_file(tmp_path / "mine.jsonl")
     bank = tmp_path / "bank.safetensors"
@@ -152,8 +170,8 @@ def test_prompted_perplexity_equals_a_direct_computation(tiny_model, tmp_path):
     """Each window behind its prompt: the same tokens scored, the prompt only adds context."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rechannel.cli.artifacts import Provenance, save_artifact
-    from rechannel.ops.models import model_fingerprint
+    from rechannel.ops.core.artifacts import Provenance, save_artifact
+    from rechannel.ops.core.models import model_fingerprint
 
     text = "The capital of France is Paris. The capital of Italy is Rome. " * 6
     data = tmp_path / "ppl.jsonl"
@@ -175,7 +193,11 @@ def test_prompted_perplexity_equals_a_direct_computation(tiny_model, tmp_path):
         x = torch.cat([prompts[1].expand(n, -1, -1), model.get_input_embeddings()(windows)], 1)
         logits = model(inputs_embeds=x).logits[:, 3:-1].double()  # positions predicting tokens 1..15
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
-    assert got["windows"] == n and got["ppl,none"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    # float32 CE (eval's own batches, another process) against float64 log-softmax of one float32 forward of
+    # every window: each forward's logits within logit_error of exact (tests/tolerances.py): ≈ 6e-4
+    want = math.exp(nll.item())
+    rtol = _ppl_rtol(model, 15, want, 2 * logit_error(model, 3 + 16))
+    assert got["windows"] == n and got["ppl,none"] == pytest.approx(want, rel=rtol)
 
 
 def test_eval_closed_book_qa(tiny_model, tmp_path):
@@ -186,7 +208,7 @@ def test_eval_closed_book_qa(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr
     records = [json.loads(x) for x in r.stdout.splitlines()]
     assert len(records) == 2 and all("\n" not in x["prediction"] for x in records)
-    from rechannel.ops.metrics import qa_metrics
+    from rechannel.ops.evaluation.metrics import qa_metrics
 
     for rec, answers in zip(records, [["Paris"], ["four", "4"]], strict=True):
         assert rec["f1"] == qa_metrics(rec["prediction"], answers)["f1"]
@@ -213,15 +235,15 @@ def test_eval_bad_input_is_one_line_and_writes_nothing(tiny_model, tmp_path, arg
 
 
 def test_last_word_accuracy_and_perplexity_follow_the_records(tiny_model):
-    from rechannel.ops.evaluate import Conditioning, run_choice_task
-    from rechannel.ops.task_formats import ChoiceExample
+    from rechannel.ops.evaluation.evaluator import Conditioning, run_choice_task
+    from rechannel.ops.evaluation.formats import ChoiceExample
 
     lm = load_model(str(tiny_model), device="cpu")
     examples = [ChoiceExample(str(i), (c,), (" " + w,), 0, (w,)) for i, (c, w) in enumerate(
         [("The capital of France is", "Paris."), ("A quick brown fox jumps over the lazy", "dog"),
          ("Question: what is two plus two?\nAnswer:", "four.")])]
     run = run_choice_task(lm.model, lm.tokenizer, "lam", "lastword", examples, 2, Conditioning())
-    lls = [r["loglik"] for r in run.records]
+    lls = [r["loglik"] for r in run.records]  # metrics come from these floats by the same Σ/3 and exp: exact
     assert run.metrics["perplexity,none"] == pytest.approx(math.exp(-sum(lls) / 3))
     assert run.metrics["acc,none"] == pytest.approx(sum(r["greedy"] for r in run.records) / 3)
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from rechannel.ops.errors import UserError
-from rechannel.ops.metrics import choice_metrics, mean_stderr, normalize_answer, qa_metrics
-from rechannel.ops.tasks import TASKS, get_tasks, user_task
+from rechannel.ops.core.errors import UserError
+from rechannel.ops.evaluation.metrics import choice_metrics, mean_stderr, normalize_answer, qa_metrics
+from rechannel.ops.evaluation.tasks import TASKS, get_tasks, user_task
 
 
 def _write(path, text):
@@ -33,13 +33,13 @@ def test_squad_normalisation_exact_match_and_f1_by_hand():
     assert qa_metrics("the Beatles.", ["Rolling Stones", "Beatles"])["exact_match"] == 1.0
     # prediction [yuri, gagarin, was] vs gold [yuri, gagarin]: P = 2/3, R = 1, F1 = 0.8
     m = qa_metrics("Yuri Gagarin was", ["Neil Armstrong", "Yuri Gagarin"])
-    assert m["exact_match"] == 0.0 and m["f1"] == pytest.approx(0.8)
+    assert m["exact_match"] == 0.0 and m["f1"] == pytest.approx(0.8)  # float64 2·(2/3)/(5/3): a few ulps
     assert qa_metrics("", ["x"]) == {"exact_match": 0.0, "f1": 0.0}
 
 
 def test_stderr_is_sample_sd_over_sqrt_n():
     # mean 0.75, sample variance (3 * 0.0625 + 0.5625) / 3 = 0.25, stderr sqrt(0.25 / 4) = 0.25
-    assert mean_stderr([1, 0, 1, 1]) == pytest.approx(0.25)
+    assert mean_stderr([1, 0, 1, 1]) == pytest.approx(0.25)  # dyadic values: every float64 step is exact
     assert mean_stderr([1]) is None
 
 

@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from rechannel.cli.jsonl import JsonlWriter, write_json
-from rechannel.ops.errors import UserError
-from rechannel.ops.records import Record, read_jsonl
+from rechannel.ops.core.errors import UserError
+from rechannel.ops.core.records import Record, read_jsonl
 
 
 def test_records_keep_every_field_and_skip_blank_lines(tmp_path):

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from rechannel.ops import models
-from rechannel.ops.errors import UserError
-from rechannel.ops.fingerprint import model_fingerprint
+from rechannel.ops.core import models
+from rechannel.ops.core.errors import UserError
+from rechannel.ops.core.fingerprint import model_fingerprint
 
 
 def test_load_directory_gives_a_frozen_model_in_eval_mode(tiny_model):

@@ -10,16 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_llama, run_cli
-from rechannel.ops.models import load_model
-from rechannel.ops.prompt_training import (
+from rechannel.ops.core.models import load_model
+from rechannel.ops.recover.prompt_training import (
     PromptTrainConfig,
     assign,
     balanced_assignment,
     init_bank,
     train_prompts,
 )
-from rechannel.ops.routing import attention_scores, bank_kv
-from rechannel.ops.training import TrainState, token_loss
+from rechannel.ops.recover.routing import attention_scores, bank_kv
+from rechannel.ops.recover.training import TrainState, token_loss
 
 TRAIN = ("--num-prompts", "3", "--prompt-len", "4", "--batch", "4", "--seqlen", "16")
 
@@ -276,7 +276,7 @@ def test_malformed_training_data_is_refused_before_anything_is_written(tiny_mode
 def test_kd_loss_compares_the_columns_both_models_have():
     """A teacher whose output layer is padded past the shared tokenizer: the padding is not a token, so
     equal logits on the real columns mean zero KL whatever the padded ones hold."""
-    from rechannel.ops.training import token_loss
+    from rechannel.ops.recover.training import token_loss
 
     g = torch.Generator().manual_seed(0)
     student = torch.randn(2, 5, 30, generator=g)

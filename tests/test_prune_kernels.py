@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rechannel.ops.prune import n_of_m_smallest, rows_k_smallest, wanda_metric
+from rechannel.ops.compress.masks import n_of_m_smallest, rows_k_smallest, wanda_metric
 from rechannel.triton_kernels import prune_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,7 +97,7 @@ def test_twins_equal_the_published_wanda_selection():
 
 
 def test_select_mask_dispatches_to_the_kernels_on_request(monkeypatch):
-    from rechannel.ops.prune import Pattern, select_mask
+    from rechannel.ops.compress.masks import Pattern, select_mask
 
     w, s = _inputs(12, 72, torch.float16, seed=11)
     # 2:6 and 3:9: M not a power of two, which the kernel cannot tile: the torch path, not an assertion

@@ -6,17 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rechannel.ops.errors import UserError
-from rechannel.ops.quant import (
-    QuantSpec,
-    check_spec,
-    find_grid,
-    gptq,
-    pack_rows,
-    packed_width,
-    rtn,
-    unpack_rows,
-)
+from rechannel.ops.compress.gptq import gptq
+from rechannel.ops.compress.grid import QuantSpec, check_spec, find_grid
+from rechannel.ops.compress.rtn import rtn
+from rechannel.ops.core.errors import UserError
+from rechannel.ops.core.packed import pack_rows, packed_width, unpack_rows
 
 
 def test_grid_hand_computed():

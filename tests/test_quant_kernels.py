@@ -6,16 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rechannel.ops.prune import _inverse_cholesky
-from rechannel.ops.quant import (
-    QuantizedWeight,
-    QuantSpec,
-    _gptq_block_torch,
-    find_grid,
-    pack_rows,
-    rtn,
-    unpack_rows,
-)
+from rechannel.ops.compress.gptq import _gptq_block_torch
+from rechannel.ops.compress.grid import QuantSpec, find_grid
+from rechannel.ops.compress.obs import damped_inverse_cholesky as _inverse_cholesky
+from rechannel.ops.compress.rtn import rtn
+from rechannel.ops.core.packed import QuantizedWeight, pack_rows, unpack_rows
 from rechannel.triton_kernels import quant as kq
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,7 +199,7 @@ def test_gptq_block_equals_the_torch_block(rows, width, bits, dtype):
 @pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=16), QuantSpec(bits=3, group_size=-1, sym=True),
                                   QuantSpec(bits=4, group_size=8, act_order=True)])
 def test_whole_layer_gptq_through_the_kernel_equals_the_torch_path(spec, monkeypatch):
-    from rechannel.ops.quant import gptq
+    from rechannel.ops.compress.gptq import gptq
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(300, 48, generator=g) @ torch.randn(48, 48, generator=g)

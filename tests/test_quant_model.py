@@ -8,13 +8,17 @@ import pytest
 import torch
 
 from conftest import make_docs, run_cli
-from rechannel.ops.blocks import capture_first_inputs, decoder_blocks, linear_layers
-from rechannel.ops.calibration import draw_windows, input_groups, new_stats
-from rechannel.ops.compress import PruneConfig, prune_sequential
-from rechannel.ops.models import load_model
-from rechannel.ops.prune import Pattern, sparsegpt
-from rechannel.ops.qlinear import PACKED_FILE, QuantLinear
-from rechannel.ops.quant import QuantSpec, gptq, rtn
+from rechannel.ops.compress.calibration import input_groups, new_stats
+from rechannel.ops.compress.gptq import gptq
+from rechannel.ops.compress.grid import QuantSpec
+from rechannel.ops.compress.masks import Pattern
+from rechannel.ops.compress.protocols import PruneConfig, prune_sequential
+from rechannel.ops.compress.rtn import rtn
+from rechannel.ops.compress.sparsegpt import sparsegpt
+from rechannel.ops.core.blocks import capture_first_inputs, decoder_blocks, linear_layers
+from rechannel.ops.core.models import load_model
+from rechannel.ops.core.qlinear import PACKED_FILE, QuantLinear
+from rechannel.ops.core.windows import draw_windows
 
 
 def _logits(lm, ids):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from rechannel.ops import models
+from rechannel.ops.core import models
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_second_load_reuses_the_cache_and_paris_is_the_top_token(prepared, monke
     def no_conversion(*a, **k):
         raise AssertionError("the cached conversion should have been reused")
 
-    monkeypatch.setattr("rechannel.ops.convert.convert_gguf", no_conversion)
+    monkeypatch.setattr("rechannel.ops.core.convert.convert_gguf", no_conversion)
     lm = models.load_model("smollm2-135m", device="cpu")
     assert str(lm.path) == path
     ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rechannel.ops.errors import UserError
-from rechannel.ops.models import load_model
-from rechannel.ops.routing import (
+from rechannel.ops.core.errors import UserError
+from rechannel.ops.core.models import load_model
+from rechannel.ops.recover.routing import (
     attention_scores,
     bank_kv,
     eager_attention,
@@ -127,7 +127,7 @@ def test_parse_layers():
 
 
 def test_prefix_attention_equals_transformers_attention_weights(lm, bank):
-    from rechannel.ops.routing import prefix_attention
+    from rechannel.ops.recover.routing import prefix_attention
 
     ids, mask = _batch()
     soft = bank[[0, 2]]  # (2, P, d)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rechannel.ops.errors import UserError
-from rechannel.ops.prune import Pattern, _inverse_cholesky, sparsegpt
+from rechannel.ops.compress.masks import Pattern
+from rechannel.ops.compress.obs import damped_inverse_cholesky as _inverse_cholesky
+from rechannel.ops.compress.sparsegpt import sparsegpt
+from rechannel.ops.core.errors import UserError
 
 
 def reference_sparsegpt(w, h, sparsity, n, m, blocksize, percdamp=0.01):
@@ -88,9 +90,9 @@ def test_cholesky_failure_raises_the_damping_and_reports_it():
 @pytest.mark.parametrize("method", ["sparsegpt", "gptq"])
 def test_the_report_names_layers_whose_damping_was_raised_whatever_percdamp(method):
     """raised_damping lists the layers whose Cholesky failed at --percdamp, not those above 0.01."""
-    from rechannel.ops.calibration import LayerStats
-    from rechannel.ops.compress import PruneConfig, PruneReport, prune_layer
-    from rechannel.ops.quant import QuantSpec
+    from rechannel.ops.compress.calibration import LayerStats
+    from rechannel.ops.compress.grid import QuantSpec
+    from rechannel.ops.compress.protocols import PruneConfig, PruneReport, prune_layer
 
     quant = QuantSpec(bits=4, group_size=-1) if method == "gptq" else None
     indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])

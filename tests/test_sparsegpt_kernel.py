@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rechannel.ops.prune import Pattern, _inverse_cholesky, _sparsegpt_block
+from rechannel.ops.compress.masks import Pattern
+from rechannel.ops.compress.obs import damped_inverse_cholesky as _inverse_cholesky
+from rechannel.ops.compress.sparsegpt import _sparsegpt_block
 from rechannel.triton_kernels.sparsegpt import obs_block
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,7 +41,7 @@ def test_block_kernel_equals_the_torch_block(rows, width, pattern, monkeypatch):
 
 @pytest.mark.parametrize("pattern", [Pattern(), Pattern(2, 4)])
 def test_whole_layer_through_the_kernel_equals_the_torch_path(pattern, monkeypatch):
-    from rechannel.ops.prune import sparsegpt
+    from rechannel.ops.compress.sparsegpt import sparsegpt
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(300, 48, generator=g) @ torch.randn(48, 48, generator=g)

@@ -53,8 +53,8 @@ def docs(tmp_path, docs_file) -> Path:
 
 
 def _bank(path: Path, model: Path, prompts: torch.Tensor) -> Path:
-    from rechannel.cli.artifacts import Provenance, save_artifact
-    from rechannel.ops.fingerprint import model_fingerprint
+    from rechannel.ops.core.artifacts import Provenance, save_artifact
+    from rechannel.ops.core.fingerprint import model_fingerprint
 
     save_artifact(path, {"prompts": prompts}, Provenance("prompt-bank", str(model), model_fingerprint(model)))
     return path
@@ -177,7 +177,7 @@ def test_empty_prompts_are_refused(tiny_model, tmp_path):
 def test_a_prompt_longer_than_the_context_gives_both_lengths(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
-    from rechannel.ops.generate import longest_token_chars
+    from rechannel.ops.core.generate import longest_token_chars
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     long = " ".join(["The capital of France is Paris."] * 25)  # the tiny model's context is 256 tokens
@@ -272,8 +272,8 @@ def test_a_prompt_bank_of_nan_is_refused(tiny_model, tmp_path, docs):
 
 
 def test_metrics_over_nan_log_likelihoods_are_not_reported():
-    from rechannel.ops.errors import UserError
-    from rechannel.ops.evaluate import _refuse_nonfinite
+    from rechannel.ops.core.errors import UserError
+    from rechannel.ops.evaluation.evaluator import _refuse_nonfinite
 
     _refuse_nonfinite("arc_easy", [[-1.0, -2.0], [-0.5, -3.0]])
     with pytest.raises(UserError, match="arc_easy: 1 of 2 examples"):

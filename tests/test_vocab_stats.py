@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rechannel.ops.vocab_stats import COL, vocab_stats_torch
+from rechannel.ops.align.vocab_stats import COL, vocab_stats_torch
 from rechannel.triton_kernels import vocab_stats as kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,6 +1,6 @@
 """Per-token vocabulary statistics in one program per token, streaming over vocabulary chunks.
 
-Twin of rechannel.ops.vocab_stats.vocab_stats_torch (same COLUMNS, float32). Pass 1 is an online softmax
+Twin of rechannel.ops.align.vocab_stats.vocab_stats_torch (its COLUMNS, in that order; float32). Pass 1 is an online softmax
 over both logit rows (running max and rescaled sum per lane, lanes combined at the end), pass 2 the sums that need the log-normalisers, pass 3
 the norms centred through the observed token (see ops/vocab_stats.py for why). Nothing of size
 [tokens, vocab] is written; logits are read in their own dtype and upcast per chunk.
@@ -13,8 +13,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from rechannel.ops.vocab_stats import COLUMNS
 
 
 @triton.jit
@@ -160,16 +158,19 @@ def _vocab_stats_kernel(zp_ptr, zq_ptr, y_ptr, out_ptr, v, stride_p, stride_q, l
     tl.store(out + 13, tl.sum(n_jsd, axis=0))
 
 
+NCOL = 14  # the columns the kernel writes, in the order of ops/align/vocab_stats.COLUMNS
+
+
 def vocab_stats(zp: torch.Tensor, zq: torch.Tensor, y: torch.Tensor, beta: float = 0.5,
-                block: int = 2048) -> torch.Tensor:
-    """(T, V) student logits, (T, V) teacher logits, (T,) tokens -> (T, len(COLUMNS)) float32."""
+                block: int = 2048, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, V) student logits, (T, V) teacher logits, (T,) tokens -> (T, NCOL) float32, into `out` if given."""
     t, v = zp.shape
     zp = zp if zp.stride(1) == 1 else zp.contiguous()
     zq = zq if zq.stride(1) == 1 else zq.contiguous()
-    out = torch.empty(t, len(COLUMNS), dtype=torch.float32, device=zp.device)
+    out = torch.empty(t, NCOL, dtype=torch.float32, device=zp.device) if out is None else out
     if t == 0:
         return out
     y = y.to(device=zp.device, dtype=torch.int64).contiguous()
     _vocab_stats_kernel[(t,)](zp, zq, y, out, v, zp.stride(0), zq.stride(0), math.log1p(-beta), math.log(beta),
-                              NCOL=len(COLUMNS), BLOCK=min(block, triton.next_power_of_2(v)))
+                              NCOL=out.shape[1], BLOCK=min(block, triton.next_power_of_2(v)))
     return out

@@ -29,7 +29,7 @@ def _copy_bandwidth() -> float:
 
 def _mask_cases(w: torch.Tensor, s: torch.Tensor, k: int) -> list:
     """(name, torch path, triton kernel) for one weight matrix."""
-    from rechannel.ops.prune import n_of_m_smallest, rows_k_smallest, wanda_metric
+    from rechannel.ops.compress.masks import n_of_m_smallest, rows_k_smallest, wanda_metric
     from rechannel.triton_kernels.prune_mask import n_of_m_mask, row_k_smallest_mask
 
     return [("wanda 50% unstructured", lambda: rows_k_smallest(wanda_metric(w, s), k),
@@ -61,8 +61,9 @@ def _bench_masks(bw: float) -> list[str]:
 def _bench_sparsegpt() -> list[str]:
     import time
 
-    from rechannel.ops.compress import hessian_error
-    from rechannel.ops.prune import Pattern, sparsegpt
+    from rechannel.ops.compress.masks import Pattern
+    from rechannel.ops.compress.protocols import hessian_error
+    from rechannel.ops.compress.sparsegpt import sparsegpt
 
     rows = ["| SparseGPT layer | pattern | torch path s | triton path s | speed-up | mask agreement "
             "| rel. output error torch / triton |", "|---|---|---:|---:|---:|---:|---:|"]

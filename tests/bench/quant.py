@@ -73,7 +73,9 @@ def _bench_matmul(bw: float) -> list[str]:
 
 def _rtn_torch(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The torch path of ops.quant.rtn, then packing (rtn itself would take the kernel for a CUDA tensor)."""
-    from rechannel.ops.quant import QuantSpec, pack_rows, rtn
+    from rechannel.ops.compress.grid import QuantSpec
+    from rechannel.ops.compress.rtn import rtn
+    from rechannel.ops.core.packed import pack_rows
 
     os.environ["RECHANNEL_KERNELS"] = "torch"
     try:
@@ -105,8 +107,9 @@ def _bench_rtn() -> list[str]:
 
 
 def _bench_gptq() -> list[str]:
-    from rechannel.ops.compress import hessian_error
-    from rechannel.ops.quant import QuantSpec, gptq
+    from rechannel.ops.compress.gptq import gptq
+    from rechannel.ops.compress.grid import QuantSpec
+    from rechannel.ops.compress.protocols import hessian_error
 
     rows = ["| GPTQ layer 4096×4096 | spec | torch path s | triton path s | speed-up | code agreement "
             "| rel. output error torch / triton |", "|---|---|---:|---:|---:|---:|---:|"]

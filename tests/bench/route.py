@@ -20,7 +20,7 @@ import torch
 
 
 def _questions(data_dir: str, n: int) -> list[str]:
-    from rechannel.ops.tasks import get_tasks
+    from rechannel.ops.evaluation.tasks import get_tasks
 
     task = get_tasks("arc_easy")[0]
     return [ex.contexts[0] for ex in task.load(data_dir)[:n]]
@@ -57,10 +57,10 @@ def main() -> None:
     p.add_argument("--out", default="-")
     args = p.parse_args()
 
-    from rechannel.ops.blocks import decoder_blocks
-    from rechannel.ops.loglik import pad_rows
-    from rechannel.ops.models import load_model
-    from rechannel.ops.routing import bank_kv, parse_layers, prompted_logits, route
+    from rechannel.ops.core.batching import pad_rows
+    from rechannel.ops.core.blocks import decoder_blocks
+    from rechannel.ops.core.models import load_model
+    from rechannel.ops.recover.routing import bank_kv, parse_layers, prompted_logits, route
 
     lm = load_model(args.model, device=args.device)
     model, tok = lm.model, lm.tokenizer

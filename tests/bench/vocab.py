@@ -62,7 +62,7 @@ def _rows(zp: torch.Tensor, zq: torch.Tensor, y: torch.Tensor, bw: float) -> lis
 
     from triton.testing import do_bench
 
-    from rechannel.ops.vocab_stats import vocab_stats_torch
+    from rechannel.ops.align.vocab_stats import vocab_stats_torch
     from rechannel.triton_kernels.vocab_stats import vocab_stats
 
     ref = eager(zp, zq, y)
