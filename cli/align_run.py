@@ -1,13 +1,116 @@
-"""align's driver loop: questions in order, records written question by question, then the summary, the table
-and the figures. Kept apart from cli/align.py, which only parses and checks."""
+"""align's outputs around ops/align/api.align: the node file (read back for --resume, then written question by
+question), the summary (-o), the table on stderr and the figures. Kept apart from cli/align.py, which only
+parses the options."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from .console import console, info, progress
+from ..ops.core.errors import UserError
+from .console import bars, console, info, tame_libraries
 from .jsonl import dumps, stdout_buffer, write_json
+
+if TYPE_CHECKING:
+    from ..ops.align.api import AlignRunConfig, Previous
+
+
+def run(config: AlignRunConfig) -> None:
+    """Outputs checked, then the API between the node file and the summary (-o), the table and the figures."""
+    from ..ops.align.api import align
+
+    _outputs(config)
+    tame_libraries()
+    node_file = NodeFile(config.nodes, config.resume)
+    try:
+        with bars() as report:
+            summary = align(config, report, node_file.write, node_file.read, node_file.start)
+    finally:
+        node_file.close()
+    names = summary["config"]["teachers"]
+    write_json(config.output, summary)
+    print_table(summary, names)
+    if config.plot:
+        from .plots import alignment_figures
+
+        alignment_figures(config.plot, node_file.nodes, names)
+
+
+def _outputs(config: AlignRunConfig) -> None:
+    """Every output path checked against every input before anything loads."""
+    from ..ops.align.api import SELF
+    from ..ops.core.models import model_paths
+    from ..ops.core.outputs import Input, Output, check_outputs
+
+    outs = [Output("-o", config.output), Output("--nodes", config.nodes)]
+    if config.plot:
+        from .plots import ALIGN_FIGURES
+
+        outs += [Output("--plot", str(Path(config.plot) / name)) for name in ALIGN_FIGURES]
+    specs = [config.student, *(t for t in config.teacher if t != SELF)]
+    files = [c.removeprefix("template:") for c in [*config.context, config.prompt] if c.startswith("template:")]
+    ins = [Input("--data", config.data), *(Input("--student/--teacher", p) for s in specs for p in model_paths(s)),
+           *(Input("--context/--prompt", f) for f in files)]
+    check_outputs(outs, ins)
+
+
+class NodeFile:
+    """--nodes for one run: what --resume reads back from it (align's `previous`), then the run record and each
+    finished question's block written to it (align's `on_run` and `on_question`). Keeps every node record of the
+    run, old and new, for the figures."""
+
+    def __init__(self, path: str, resume: bool) -> None:
+        self.path, self.resume = path, resume
+        self.keep = 0  # bytes of the whole question blocks read back: the file is cut back to them
+        self.nodes: list[dict] = []
+        self._writer: QuestionWriter | None = None
+
+    def read(self) -> Previous:
+        old, self.keep = read_back(self.path, self.resume)
+        self.nodes = list(old.nodes)
+        return old
+
+    def start(self, head: dict) -> None:
+        self._writer = QuestionWriter(self.path, self.keep or None, head)
+
+    def write(self, question: dict, nodes: list[dict]) -> None:
+        self._writer.write(question, nodes)
+        self.nodes += nodes
+        if not question["selected"]:
+            info(f"question {question['question']}: pass rate {question['pass_rate']:.2f} outside the selected "
+                 "range, skipped")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_back(nodes: str, resume: bool) -> tuple[Previous, int]:
+    """(what the file holds, the bytes of its whole question blocks): a question's record closes its block;
+    what follows the last one (a block cut off by a kill) is dropped on resume. The file's first record, the
+    settings of the run that wrote it, is handed on: align refuses another run's file before anything is cut."""
+    from ..ops.align.api import Previous
+    from ..ops.core.records import parse_object
+
+    if not resume:
+        return Previous(), 0
+    if nodes == "-":
+        raise UserError("--resume needs --nodes FILE: the node records written so far are read back from it")
+    if not Path(nodes).exists():
+        return Previous(), 0
+    records, kept, keep = [], 0, 0
+    with open(nodes, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):  # the last line, cut off mid-write
+                break
+            if raw.strip():
+                records.append(parse_object(raw, f"{nodes}:{lineno}"))
+            if records and records[-1].get("kind") in ("question", "run"):
+                kept, keep = len(records), f.tell()
+    head = records[0] if records else None  # checked closed block or not: a foreign file is never cut back
+    records = records[:kept]
+    return Previous(head, [r for r in records if r.get("kind") == "question"],
+                    [r for r in records if r.get("kind") == "node"]), keep
 
 
 class QuestionWriter:
@@ -48,55 +151,6 @@ class QuestionWriter:
     def close(self) -> None:
         if self._out is not None and self.path != "-":
             self._out.close()
-
-
-def run(lm: Any, view: Any, scorers: list[Any], verifier: Any, cfg: Any, questions: list[Any], old_q: list[dict],
-        old_nodes: list[dict], writer: QuestionWriter, output: str, max_questions: int | None, plot: str | None,
-        config: dict[str, Any]) -> None:
-    from ..ops.align.contexts import prompt_ids
-    from ..ops.align.diagnosis import Diagnosis, Scorer
-    from ..ops.align.summary import summarise
-
-    done = {q["question"] for q in old_q}
-    analysed = sum(q["selected"] for q in old_q)
-    student_prompt = prompt_ids(lm.tokenizer)
-    student = Scorer("student", lm.model, lambda rec: student_prompt(view.render(rec)))
-    diag = Diagnosis(student, lm.tokenizer, scorers, verifier, cfg, _stop_ids(lm))
-    all_q, all_nodes = list(old_q), list(old_nodes)
-    todo = [q for q in questions if q.qid not in done]
-    try:
-        with progress() as bar:
-            task = bar.add_task("questions", total=len(todo))
-            node_task = bar.add_task("nodes", total=cfg.budget)
-            for q in todo:
-                if max_questions is not None and analysed >= max_questions:
-                    break
-                bar.reset(node_task, total=cfg.budget)
-                head, recs = diag.run(q, on_node=lambda: bar.advance(node_task))
-                writer.write(head, recs)
-                all_q.append(head)
-                all_nodes += recs
-                analysed += head["selected"]
-                bar.advance(task)
-                if not head["selected"]:
-                    info(f"question {q.qid}: pass rate {head['pass_rate']:.2f} outside the selected range, skipped")
-    finally:
-        writer.close()
-    names = [s.name for s in scorers]
-    summary = summarise(all_q, all_nodes, names, config)
-    write_json(output, summary)
-    print_table(summary, names)
-    if plot:
-        from .plots import alignment_figures
-
-        alignment_figures(plot, all_nodes, names)
-
-
-def _stop_ids(lm: Any) -> set[int]:
-    ids = {lm.tokenizer.eos_token_id}
-    extra = getattr(lm.model.generation_config, "eos_token_id", None)
-    ids |= set(extra) if isinstance(extra, list) else {extra}
-    return {i for i in ids if i is not None}
 
 
 def _cell(stats: dict[str, Any]) -> str:

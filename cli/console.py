@@ -8,6 +8,8 @@ Bars and info lines appear only when stderr is a terminal; warnings always do.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 from rich.console import Console
@@ -20,6 +22,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from ..ops.core.progress import Progress as ProgressFn
 
 
 @cache
@@ -51,6 +55,25 @@ def progress() -> Progress:
         console=console(), transient=True, redirect_stdout=False, redirect_stderr=False,
         disable=not interactive(),
     )
+
+
+@contextmanager
+def bars() -> Iterator[ProgressFn]:
+    """A Progress callback drawing one transient bar per stage on stderr (nothing when nobody watches)."""
+    with progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, advance: int = 0, total: int | None = None, note: str | None = None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            elif total is not None or (not advance and note is None):  # a stage announced again starts over
+                bar.reset(tasks[stage], total=total)
+            if advance:
+                bar.advance(tasks[stage], advance)
+            if note is not None:
+                bar.update(tasks[stage], description=f"{stage}  {note}")
+
+        yield report
 
 
 def tame_libraries() -> None:

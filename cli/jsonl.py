@@ -1,5 +1,5 @@
 """JSON Lines and JSON out: `-` is stdout, files are written atomically. (Reading, with its `file:line`
-errors, is ops/records.py: task files are read in ops too.)
+errors, is ops/core/records.py: task files are read in ops too.)
 
 Output goes through orjson; non-finite floats, which JSON cannot hold,
 are written as null (orjson's behaviour) and counted in one warning on stderr, so a NaN loss or an

@@ -28,20 +28,8 @@ def load(model: str, device: str, dtype: str, trust_remote_code: bool):  # -> re
 def load_teacher(spec: str, lm: Any, device: str, dtype: str, trust_remote_code: bool) -> Any:
     """A teacher for `lm`: refused unless it shares its vocabulary (distributions are compared token by token)
     and, when `lm` records it as its source, unless its fingerprint is still the recorded one."""
-    from ..ops.core.errors import UserError
+    from ..ops.recover.api import check_teacher
 
     teacher = load(spec, device, dtype, trust_remote_code)
-    if teacher.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
-        raise UserError(f"the teacher {spec!r} has another vocabulary than the model; teacher and student "
-                        "distributions are compared token by token, so both must share one tokenizer")
-    from ..ops.align.diagnosis import logit_width
-
-    widths = [logit_width(m) for m in (lm.model, teacher.model)]
-    if min(widths) < len(lm.tokenizer):
-        raise UserError(f"the teacher {spec!r} outputs {widths[1]} logits and the model {widths[0]}, fewer than "
-                        f"the tokenizer's {len(lm.tokenizer)} tokens")
-    recorded = (getattr(lm.model.config, "rechannel", None) or {}).get("source", {})
-    if recorded.get("model") == spec and recorded.get("fingerprint") not in (None, teacher.fingerprint):
-        raise UserError(f"the model was compressed from {spec!r} with fingerprint {recorded['fingerprint']}, "
-                        f"but {spec!r} now has fingerprint {teacher.fingerprint}")
+    check_teacher(teacher, lm, spec)
     return teacher

@@ -35,11 +35,11 @@ def route_command(
 
     The prompts' keys and values are computed once; each input then runs once with every prompt in front of it (each at the positions it was trained at) and the prompt that receives the most attention from the input's tokens (mean over heads, tokens and --layers) is chosen. The record gains "route": {"prompt", "scores", "by", "layers"}.
     """
-    from ..ops.core.artifacts import load_prompt_bank
     from ..ops.core.blocks import decoder_blocks
     from ..ops.core.models import model_paths
     from ..ops.core.outputs import Input, Output, check_outputs
     from ..ops.core.records import read_jsonl
+    from ..ops.recover.prompts import load_prompt_bank
     from ..ops.recover.routing import BY, bank_kv, parse_layers, route_rows, routing_ids
     from .console import progress
     from .jsonl import JsonlWriter

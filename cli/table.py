@@ -168,18 +168,20 @@ def _plot(path: str, results: list[str], rows: list[dict[str, Any]]) -> None:
     attention_figure(path, curves)
 
 
-def table_command(
-    results: Annotated[list[str], typer.Argument(help="eval results files (-o outputs).")],
-    json: Json = False,
-    markdown: Annotated[bool, typer.Option("--markdown", help="A markdown table on stdout.")] = False,
-    metrics: Annotated[str | None, typer.Option(help="Only these metrics, comma-separated (e.g. acc,ppl).")] = None,
-    transpose: Annotated[bool, typer.Option("--transpose", help="One row per task metric, one column per file "
-                                                                "(reads better for many tasks).")] = False,
-    recovery: Annotated[bool, typer.Option("--recovery", help="Add the average score (acc; exact match for QA), the "
-                                           "share of the compression loss recovered, extra parameters and ms per example.")] = False,
-    plot_attention: Annotated[str | None, typer.Option(help="Also write a PNG of the files' per-layer attention "
-                                                            "profiles (eval --attention-profile N).")] = None,
-) -> None:
+Results = Annotated[list[str], typer.Argument(help="eval results files (-o outputs).")]
+Markdown = Annotated[bool, typer.Option("--markdown", help="A markdown table on stdout.")]
+Metrics = Annotated[str | None, typer.Option(help="Only these metrics, comma-separated (e.g. acc,ppl).")]
+Transpose = Annotated[bool, typer.Option("--transpose", help="One row per task metric, one column per file "
+                                                             "(reads better for many tasks).")]
+Recovery = Annotated[bool, typer.Option("--recovery", help="Add the average score (acc; exact match for QA), the "
+                                        "share of the compression loss recovered, extra parameters and ms per example.")]
+PlotAttention = Annotated[str | None, typer.Option(help="Also write a PNG of the files' per-layer attention "
+                                                        "profiles (eval --attention-profile N).")]
+
+
+def table_command(results: Results, json: Json = False, markdown: Markdown = False, metrics: Metrics = None,
+                  transpose: Transpose = False, recovery: Recovery = False, plot_attention: PlotAttention = None,
+                  ) -> None:
     """Compare eval results side by side: one row per file, one column per task metric.
 
     [bold]Examples[/bold]
@@ -192,6 +194,33 @@ def table_command(
 
     With --recovery, "recovered" is (avg - avg of the same model without prompts or adapter) / (avg dense - that), so 1 means back to the dense model; "ppl recovered" is the same for WikiText-2 perplexity.
     """
+    wanted = _check_options(results, json, markdown, metrics, plot_attention)
+    columns, rows = _rows(results, wanted)
+    if plot_attention:
+        _plot(plot_attention, results, rows)
+    notes = []
+    if recovery:
+        notes = _recovery(rows, [_load(p) for p in results])
+        columns += RECOVERY_COLUMNS
+    if json:
+        from .jsonl import STDIO, JsonlWriter
+
+        with JsonlWriter(STDIO) as out:
+            out.write_all(rows)
+        return
+    rows = [{k: (f"{v:.1f}" if k in ("size MB", "ms/example") and isinstance(v, float) else v) for k, v in r.items()}
+            for r in rows]
+    first = "run"
+    if transpose:  # rows become the task metrics, columns the runs
+        runs = [r["run"] for r in rows]
+        rows = [{"run": c, **{r["run"]: r.get(c) for r in rows}} for c in columns]
+        columns, first = runs, "task metric"
+    (_print_markdown if markdown else _print_rich)(first, columns, rows, notes, transpose)
+
+
+def _check_options(results: list[str], json: bool, markdown: bool, metrics: str | None,
+                   plot_attention: str | None) -> set[str] | None:
+    """The metrics asked for (None: all), after every check that needs no table."""
     if json and markdown:
         raise UserError("--json and --markdown: choose one output format")
     if plot_attention:
@@ -203,35 +232,25 @@ def table_command(
         raise UserError("--metrics is empty: name at least one metric, e.g. acc,ppl")
     if wanted is not None:
         _check_metrics(wanted, _rows(results, None)[0])
-    columns, rows = _rows(results, wanted)
-    if plot_attention:
-        _plot(plot_attention, results, rows)
-    notes = []
-    if recovery:
-        notes = _recovery(rows, [_load(p) for p in results])
-        columns += RECOVERY_COLUMNS
-    if json:
-        from .jsonl import STDIO, JsonlWriter  # noqa: I001
+    return wanted
 
-        with JsonlWriter(STDIO) as out:
-            out.write_all(rows)
-        return
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    one_decimal = ("size MB", "ms/example")
-    rows = [{k: (f"{v:.1f}" if k in one_decimal and isinstance(v, float) else v) for k, v in r.items()} for r in rows]
-    first = "run"
-    if transpose:  # rows become the task metrics, columns the runs
-        runs = [r["run"] for r in rows]
-        rows = [{"run": c, **{r["run"]: r.get(c) for r in rows}} for c in columns]
-        columns, first = runs, "task metric"
-    if markdown:
-        print(f"| {first} | " + " | ".join(columns) + " |")
-        print("|---|" + "---:|" * len(columns))
-        for r in rows:
-            print(f"| {r['run']} | " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
-        for note in notes:
-            print(f"\n{note}")
-        return
+
+def _cell(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def _print_markdown(first: str, columns: list[str], rows: list[dict[str, Any]], notes: list[str],
+                    transpose: bool) -> None:
+    print(f"| {first} | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for r in rows:
+        print(f"| {r['run']} | " + " | ".join(_cell(r.get(c)) for c in columns) + " |")
+    for note in notes:
+        print(f"\n{note}")
+
+
+def _print_rich(first: str, columns: list[str], rows: list[dict[str, Any]], notes: list[str],
+                transpose: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -242,7 +261,7 @@ def table_command(
     if not transpose:
         t.add_column("file", style="dim")
     for r in rows:
-        t.add_row(r["run"], *(fmt(r.get(c)) for c in columns), *([] if transpose else [r["file"]]))
+        t.add_row(r["run"], *(_cell(r.get(c)) for c in columns), *([] if transpose else [r["file"]]))
     Console().print(t)
     for note in notes:
         print(note)

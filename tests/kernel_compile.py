@@ -112,8 +112,8 @@ def _launch_quant(quant, bits: int, g: torch.Generator, tiles: bool) -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         quant.dequantize(packed, scales, zeros, g_idx, bits, cols, width, dtype)
         x = torch.randn(5, cols, generator=g).to(dtype)
-        quant.matmul(x, packed, scales, zeros, None, bits, cols, width, torch.zeros(rows, dtype=dtype))
-        quant.matmul(x, packed, scales, zeros, g_idx, bits, cols, width)  # act-order files carry g_idx
+        quant.matmul(x, quant.PackedMatrix(packed, scales, zeros, None, bits, cols, width), torch.zeros(rows, dtype=dtype))
+        quant.matmul(x, quant.PackedMatrix(packed, scales, zeros, g_idx, bits, cols, width))  # act-order: g_idx
         if tiles and (dtype != torch.float32 or bits == 4):  # float32 activations: one width is enough
             _autotuned_tiles(quant, x, packed, scales, zeros, bits, cols, width)
     # rtn_pack's tile of rows on a GPU

@@ -65,14 +65,15 @@ def logit_error(model, keys: int) -> float:
 
 def attention_score_bound(model) -> float:
     """max over layers and heads of ‖q‖‖k‖/√head_dim, q = W_q h and k = W_k h per head with h behind the
-    layer's input RMSNorm (‖h‖ ≤ √d·max|g|; rotary embeddings keep norms): what Σ|q||k|/√head_dim, to which
-    an attention logit's rounding is relative, cannot exceed."""
+    layer's input RMSNorm (‖h‖ ≤ √d·max|g|, ‖q‖ ≤ ‖W_q,head‖₂·‖h‖; rotary embeddings keep norms): what
+    Σ|q||k|/√head_dim, to which an attention logit's rounding is relative, cannot exceed."""
     d, _, head_dim, _ = _dims(model)
     best = 0.0
     for block in model.get_decoder().layers:
         g = block.input_layernorm.weight.detach().double().abs().max().item()
         wq, wk = (block.self_attn.q_proj.weight, block.self_attn.k_proj.weight)
-        nq, nk = (w.detach().double().reshape(-1, head_dim * d).norm(dim=1).max().item() for w in (wq, wk))
+        nq, nk = (torch.linalg.matrix_norm(w.detach().double().reshape(-1, head_dim, d), ord=2).max().item()
+                  for w in (wq, wk))
         best = max(best, d * g * g * nq * nk / math.sqrt(head_dim))
     return best
 
@@ -87,11 +88,16 @@ def attention_mass_error(model, layer: int, keys: int) -> float:
     return U32 * (2 * path * bound + keys + 4 + 2 * bound)
 
 
-def entropy_error(vocab: int, dlogp: float, terms: int, unit: float = U32) -> float:
-    """Abs error of H = −Σ p log p over `vocab` entries whose log p are off by ≤ dlogp: p log p moves by
-    p·dlogp·(|log p| + 1), Σ ≤ dlogp·(H + 1); plus the rounding of a Σ of `terms` values ≤ H (H ≤ log V)."""
-    h = math.log(vocab)
-    return dlogp * (h + 1) + terms * unit * h
+def entropy_error(logp: torch.Tensor, dz: float, e: float, terms: int, unit: float = U32) -> float:
+    """Abs error of a float32 entropy H = −Σ p log p whose logits are off by ≤ dz, given float64 log-probs
+    `logp` (..., V) of those logits: to first order dH = −Σ p (log p + H) dz, so ≤ dz·Σ p|log p + H|;
+    log-probs off by e (its own float32 log-softmax) move H by ≤ e·Σ p (|log p| + 1) = e·(H + 1); `terms`
+    roundings of numbers ≤ H (the Σ over V, a mean over tokens) add terms·u·H. The worst position counts."""
+    p = logp.exp()
+    h = -torch.where(p > 0, p * logp, 0.0).sum(-1, keepdim=True)  # p = 0 (log p = −inf) adds nothing
+    spread = torch.where(p > 0, p * (logp + h).abs(), 0.0).sum(-1).max().item()
+    hmax = h.max().item()
+    return dz * spread + e * (hmax + 1) + terms * unit * hmax
 
 
 def column_loop_error(w0: torch.Tensor, hinv: torch.Tensor, final: torch.Tensor,

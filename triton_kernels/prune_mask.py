@@ -1,6 +1,6 @@
 """Fused pruning-mask kernels: score, select and (optionally) zero, in one pass over the weights.
 
-Twins of rechannel.ops.prune.rows_k_smallest / n_of_m_smallest applied to wanda_metric; the masks must
+Twins of rechannel.ops.compress.masks.rows_k_smallest / n_of_m_smallest applied to wanda_metric; the masks must
 be bit-identical, ties included (a stable sort: the lower column index is pruned first).
 
 row_k_smallest: one program per output row. The score |W_ij| * s_j is float32 and non-negative, so its

@@ -1,4 +1,4 @@
-"""Weight-quantization kernels: the twins of rechannel.ops.quant (packed layout and grid described there).
+"""Weight-quantization kernels: the twins of rechannel.ops.compress (the grid in grid.py, the packed layout in ops/core/packed.py).
 
 dequantize / unpack: tile by tile, the packed bytes of a tile of rows are loaded contiguously and spread
 into codes in registers (two 4-bit or four 2-bit codes per byte; 3-bit codes eight per three bytes, read
@@ -28,6 +28,7 @@ hand: the interpreter truncates float32 -> bf16.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -200,7 +201,7 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
 
 
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Twin of ops.quant.unpack_rows: (R, bytes) uint8 -> (R, cols) uint8 codes."""
+    """Twin of ops.core.packed.unpack_rows: (R, bytes) uint8 -> (R, cols) uint8 codes."""
     _check_packed(packed, bits, cols)
     rows = packed.shape[0]
     out = torch.empty((rows, cols), dtype=torch.uint8, device=packed.device)
@@ -258,22 +259,36 @@ def _block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def _launch_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   g_idx: torch.Tensor | None, bits: int, cols: int, width: int, bias: torch.Tensor | None,
-                   y: torch.Tensor, blocks: tuple[int, int, int] | None) -> None:
-    """Launch on x2 (M, cols) into y (M, R); `blocks` (BM, BN, BK) fixes the tiling, None: autotune on
-    CUDA, a fixed tiling elsewhere."""
-    rows, m = packed.shape[0], x2.shape[0]
+@dataclass(frozen=True)
+class PackedMatrix:
+    """A packed weight as the matmul reads it: packed (R, ceil(cols*bits/8)) uint8, scales (R, G) float16,
+    zeros (R, G) uint8, g_idx (cols,) or None (column j in group j // group_width)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor | None
+    bits: int
+    cols: int
+    group_width: int
+
+
+def _launch_matmul(x2: torch.Tensor, w: PackedMatrix, bias: torch.Tensor | None, y: torch.Tensor,
+                   blocks: tuple[int, int, int] | None) -> None:
+    """Launch on x2 (M, cols) into y (M, R), `w` with its grid arguments already checked; `blocks`
+    (BM, BN, BK) fixes the tiling, None: autotune on CUDA, a fixed tiling elsewhere."""
+    rows, m = w.packed.shape[0], x2.shape[0]
     if x2.dtype == torch.float32:
         act = _F32
     elif x2.dtype == torch.float16:
         act = _F16
     else:
         act = _BF16_VIA_F32 if _interpreting() else _BF16
-    args = (x2, packed, scales, zeros, g_idx if g_idx is not None else zeros, bias if bias is not None else y, y,
-            m, rows, cols, packed.shape[1], x2.stride(0), packed.stride(0), scales.stride(0), zeros.stride(0),
-            y.stride(0))
-    meta = dict(BITS=bits, GROUP_WIDTH=width, HAS_G_IDX=g_idx is not None, HAS_BIAS=bias is not None, ACT=act)
+    args = (x2, w.packed, w.scales, w.zeros, w.g_idx if w.g_idx is not None else w.zeros,
+            bias if bias is not None else y, y, m, rows, w.cols, w.packed.shape[1], x2.stride(0), w.packed.stride(0),
+            w.scales.stride(0), w.zeros.stride(0), y.stride(0))
+    meta = dict(BITS=w.bits, GROUP_WIDTH=w.group_width, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
+                ACT=act)
     if blocks is None and x2.is_cuda and not _interpreting():
         block_m = _block_m(m)
         grid = lambda META: (triton.cdiv(rows, META["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
@@ -285,19 +300,20 @@ def _launch_matmul(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     _matmul_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, enable_fp_fusion=True)
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-           g_idx: torch.Tensor | None, bits: int, cols: int, group_width: int,
-           bias: torch.Tensor | None = None, *, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: PackedMatrix, bias: torch.Tensor | None = None, *,
+           blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x @ W^T + bias with W the packed weight (R, cols), dequantized tile by tile, never materialised.
 
     x (..., cols) float32/float16/bfloat16; the result (..., R) is in x's dtype, accumulated in float32.
     Each weight tile is dequantized in float32 and cast to x's dtype before the dot (W4A16 style).
     `blocks` (BLOCK_M, BLOCK_N, BLOCK_K) pins the tiling (tests); by default it is autotuned on CUDA.
     """
-    _check_packed(packed, bits, cols)
+    cols = w.cols
+    _check_packed(w.packed, w.bits, cols)
     assert x.shape[-1] == cols and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    scales, zeros, g_idx, width = _grid_args(scales, zeros, g_idx, group_width, cols)
-    rows = packed.shape[0]
+    scales, zeros, g_idx, width = _grid_args(w.scales, w.zeros, w.g_idx, w.group_width, cols)
+    w = PackedMatrix(w.packed, scales, zeros, g_idx, w.bits, cols, width)
+    rows = w.packed.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, cols)
     if x2.stride(-1) != 1:
@@ -307,7 +323,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: t
         bias = bias.contiguous()
     y = torch.empty((x2.shape[0], rows), dtype=x.dtype, device=x.device)
     if x2.shape[0] > 0:
-        _launch_matmul(x2, packed, scales, zeros, g_idx, bits, cols, width, bias, y, blocks)
+        _launch_matmul(x2, w, bias, y, blocks)
     return y.reshape(*lead, rows)
 
 
@@ -322,7 +338,7 @@ def _rtn_pack_kernel(w_ptr, p_ptr, s_ptr, z_ptr, rows, cols, groups, row_bytes, 
     n_in = n < rows
     c = tl.arange(0, BLOCK_C)
     maxq = tl.full((BLOCK_R,), (1 << BITS) - 1, tl.float32)
-    # pass 1: the grid of every group of these rows, as ops.quant.find_grid finds it
+    # pass 1: the grid of every group of these rows, as ops.compress.grid.find_grid finds it
     for g in range(0, groups):
         start = g * group_width
         end = tl.minimum(start + group_width, cols)
@@ -341,7 +357,7 @@ def _rtn_pack_kernel(w_ptr, p_ptr, s_ptr, z_ptr, rows, cols, groups, row_bytes, 
         xmin = tl.where(flat, -1.0, xmin)
         xmax = tl.where(flat, 1.0, xmax)
         scale = tl.math.div_rn(xmax - xmin, maxq).to(tl.float16).to(tl.float32)
-        scale = tl.maximum(scale, 2.0**-14)  # MIN_SCALE of ops.quant
+        scale = tl.maximum(scale, 2.0**-14)  # MIN_SCALE of ops.compress.grid
         if SYM:
             zero = (maxq + 1.0) * 0.5
         else:
@@ -399,7 +415,7 @@ def _store_packed(row, n_in, row_bytes, k0, q, BITS: tl.constexpr, BLOCK_R: tl.c
 
 def rtn_pack(w: torch.Tensor, bits: int, group_width: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                                    torch.Tensor]:
-    """Round to nearest and pack in one pass: ops.quant.rtn then pack_rows, bit for bit.
+    """Round to nearest and pack in one pass: ops.compress.rtn.rtn then pack_rows, bit for bit.
 
     w (R, C) float32/float16/bfloat16; group_width divides C into groups of consecutive columns (the last
     may be shorter; -1 or C: one group per row). Returns packed (R, ceil(C*bits/8)) uint8, scales (R, G)
@@ -459,7 +475,7 @@ def _gptq_block_kernel(w_ptr, h_ptr, s_ptr, z_ptr, codes_ptr, err_ptr, rows, wid
 
 def gptq_block(w1: torch.Tensor, h1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize the block w1 (R, B) in place, column by column, as ops.quant._gptq_block_torch does.
+    """Quantize the block w1 (R, B) in place, column by column, as ops.compress.gptq._gptq_block_torch does.
 
     h1 (B, B): the block's slice of the upper Cholesky factor of H^-1; scale, zero (R, B): the grid of
     each column. float32 (or float64) throughout, B <= 256. Returns (codes (R, B) uint8, errors (R, B)).

@@ -1,4 +1,4 @@
-"""SparseGPT's inner loop over one block of columns, fused: the twin of ops.prune._sparsegpt_block.
+"""SparseGPT's inner loop over one block of columns, fused: the twin of ops.compress.sparsegpt._sparsegpt_block.
 
 In torch the loop is ~10 small kernel launches per column (thousands per layer). Here one program owns a
 tile of rows and the whole block (<= 128 columns) in registers and walks the columns in order: for N:M it
@@ -53,7 +53,7 @@ def _obs_block_kernel(w_ptr, h_ptr, mask_ptr, err_ptr, rows, width, stride_w, st
 
 
 def obs_block(w1: torch.Tensor, h1: torch.Tensor, mask1: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Prune the block `w1` (R, B) float32 in place, as ops.prune._sparsegpt_block does.
+    """Prune the block `w1` (R, B) float32 in place, as ops.compress.sparsegpt._sparsegpt_block does.
 
     `h1` (B, B) is the block's slice of the upper Cholesky factor of H^-1; `mask1` (R, B) bool is the
     unstructured mask (updated in place; all False for N:M, which is chosen here). Returns the errors.

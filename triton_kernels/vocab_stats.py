@@ -2,7 +2,7 @@
 
 Twin of rechannel.ops.align.vocab_stats.vocab_stats_torch (its COLUMNS, in that order; float32). Pass 1 is an online softmax
 over both logit rows (running max and rescaled sum per lane, lanes combined at the end), pass 2 the sums that need the log-normalisers, pass 3
-the norms centred through the observed token (see ops/vocab_stats.py for why). Nothing of size
+the norms centred through the observed token (see ops/align/vocab_stats.py for why). Nothing of size
 [tokens, vocab] is written; logits are read in their own dtype and upcast per chunk.
 """
 
@@ -81,7 +81,7 @@ def _vocab_stats_kernel(zp_ptr, zq_ptr, y_ptr, out_ptr, v, stride_p, stride_q, l
     mq_all = tl.max(m_q, axis=0)
     s_p_all = tl.sum(s_p * _exp_diff(m_p, mp_all), axis=0)
     s_q_all = tl.sum(s_q * _exp_diff(m_q, mq_all), axis=0)
-    sp_p = _softplus(tl.log(s_p_all) + mp_all - zp_y)  # lse - z_y, exact when p_y is near 1 (ops/vocab_stats.py)
+    sp_p = _softplus(tl.log(s_p_all) + mp_all - zp_y)  # lse - z_y, exact when p_y is near 1 (ops/align/vocab_stats.py)
     sp_q = _softplus(tl.log(s_q_all) + mq_all - zq_y)
     lp_y = -sp_p
     lq_y = -sp_q

@@ -3,7 +3,7 @@
 For a question: sample the student's rollouts and verify them; choose nodes in exponentially growing depth
 windows within the budget; score every rollout once with the student and once with each teacher (each on
 its own context followed by the student's tokens); at each node build K, estimate S_k by continuations that
-share the node's cached prefix, and compute the quantities of ops/alignment.py. Everything is seeded per
+share the node's cached prefix, and compute the quantities of alignment.py. Everything is seeded per
 question, so a resumed run gives the same records.
 """
 
@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from ..core.kvcache import LayerKV, build_cache, cache_keyword, layer_kv, returned_cache
+from ..core.models import logit_width
 from .alignment import Candidates, on_candidates, on_k, over_vocabulary, value_and_ideal
-from .rollouts import continue_rows, draw
+from .rollouts import Sampling, continue_rows, draw
 from .verifiers import Verifier
 from .vocab_stats import COL, vocab_stats
 
@@ -51,6 +52,18 @@ class Question:
     index: int
     record: dict[str, Any]
     qid: Any  # the record's id field, or its index
+
+
+@dataclass
+class _Rollouts:
+    """One question's sampled rollouts and what every node of it shares: its prompt (the student's ids), the
+    rollouts (token ids), their verdicts, and the question's generator (its draws continue node after node)."""
+
+    q: Question
+    prompt: list[int]
+    rollouts: list[list[int]]
+    correct: list[bool]
+    gen: torch.Generator
 
 
 def depth_windows(length: int) -> list[range]:
@@ -138,6 +151,7 @@ class Diagnosis:
         # models of one family can pad their output layer to different widths (Qwen2.5: 151936 and 152064
         # rows for the same 151665 tokens): distributions are compared over the columns all of them have
         self.width = min(logit_width(s.model) for s in [student, *teachers])
+        self.sampling = Sampling(cfg.temperature, stop_ids, cfg.max_batch, self.width)
 
     def text(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -152,8 +166,8 @@ class Diagnosis:
         prompt = self.student.prompt(q.record)
         state = prompt_state(self.student.model, prompt)
         first = draw(state[0][None, :self.width], cfg.temperature, gen, n=cfg.rollouts)[0]  # (R,)
-        rollouts = continue_rows(self.student.model, state[1], len(prompt), first, cfg.max_new_tokens,
-                                 cfg.temperature, self.stop_ids, gen, cfg.max_batch, self.width)
+        rollouts = continue_rows(self.student.model, state[1], len(prompt), first, cfg.max_new_tokens, gen,
+                                 self.sampling)
         correct = [self.correct(r, q.record) for r in rollouts]
         rate = sum(correct) / len(correct)
         head = {"kind": "question", "question": q.qid, "index": q.index, "pass_rate": rate,
@@ -163,17 +177,20 @@ class Diagnosis:
             return {**head, "selected": False, "nodes": 0}, []
         nodes = choose_nodes([len(r) for r in rollouts], cfg.budget, random.Random(cfg.seed * 1_000_003 + q.index),
                              correct)
-        records = list(self._nodes(q, prompt, state, rollouts, correct, nodes, gen, on_node))
+        records = list(self._nodes(_Rollouts(q, prompt, rollouts, correct, gen), state, nodes, on_node))
         return {**head, "selected": True, "nodes": len(records)}, records
 
-    def _nodes(self, q, prompt, state, rollouts, correct, nodes, gen, on_node) -> Iterator[dict]:
-        teacher_states = [(t, t.prompt(q.record)) for t in self.teachers]
+    def _nodes(self, run: _Rollouts, state: tuple[torch.Tensor, list[LayerKV]], nodes: list[tuple[int, int, int]],
+               on_node: Callable[[], None]) -> Iterator[dict]:
+        """The node records of one question, rollout by rollout: each rollout is scored once by the student
+        (its cache kept for the continuations) and once by each teacher; `state` is the student's prompt state."""
+        teacher_states = [(t, t.prompt(run.q.record)) for t in self.teachers]
         teacher_states = [(t, ids, prompt_state(t.model, ids)) for t, ids in teacher_states]
-        for r, rollout in enumerate(rollouts):
+        for r, rollout in enumerate(run.rollouts):
             here = [(t, w) for rr, t, w in nodes if rr == r]
             if not here:
                 continue
-            zs, kv = rollout_logits(self.student.model, state, len(prompt), rollout)
+            zs, kv = rollout_logits(self.student.model, state, len(run.prompt), rollout)
             zs = zs[:, :self.width]  # (n, V)
             pos = torch.tensor([t for t, _ in here], device=zs.device)
             zp, y = zs[pos], torch.tensor(rollout, device=zs.device)[pos]  # (N, V), (N,)
@@ -183,8 +200,7 @@ class Diagnosis:
                 zq = zt[pos, :self.width].to(zp.device)
                 teach.append((t.name, zq, vocab_stats(zp, zq, y, self.cfg.beta)))
             for i, (t, w) in enumerate(here):
-                yield self._node(q, r, rollout, correct[r], t, w, kv, len(prompt), zp[i],
-                                 [(name, zq[i], st[i]) for name, zq, st in teach], gen)
+                yield self._node(run, r, (t, w), kv, zp[i], [(name, zq[i], st[i]) for name, zq, st in teach])
                 on_node()
 
     def _candidates(self, y: int, zp: torch.Tensor, zqs: list[torch.Tensor]) -> list[int]:
@@ -198,22 +214,26 @@ class Diagnosis:
         """S_k: the share of C student continuations that verify after forcing candidate k at position t."""
         c = self.cfg.continuations
         first = torch.tensor(cands, device=self.device).repeat_interleave(c)  # (|K| C,)
-        rows = continue_rows(self.student.model, kv, length + t, first, self.cfg.max_new_tokens - t,
-                             self.cfg.temperature, self.stop_ids, gen, self.cfg.max_batch, self.width)
+        rows = continue_rows(self.student.model, kv, length + t, first, self.cfg.max_new_tokens - t, gen,
+                             self.sampling)
         ok = torch.tensor([self.correct(rollout[:t] + row, record) for row in rows], dtype=torch.float64)
         return ok.view(len(cands), c).mean(1)  # (|K|,)
 
-    def _node(self, q, r, rollout, correct, t, w, kv, n_prompt, zp, teach, gen) -> dict:
-        """One node's record: K, S, and per teacher the quantities of ops/alignment.py."""
+    def _node(self, run: _Rollouts, r: int, at: tuple[int, int], kv: list[LayerKV], zp: torch.Tensor,
+              teach: list[tuple[str, torch.Tensor, torch.Tensor]]) -> dict:
+        """One node's record: K, S, and per teacher the quantities of alignment.py. The node is position t
+        of rollout r, in depth window w (`at` = (t, w)); kv: the student's cache of the rollout; zp: (V,) the
+        student's logits there; teach: per teacher (name, (V,) logits, its vocab_stats row)."""
+        (t, w), rollout = at, run.rollouts[r]
         y = rollout[t]
         cands = self._candidates(y, zp, [zq for _, zq, _ in teach])
-        s = self._success(kv, n_prompt, rollout, t, cands, gen, q.record)
+        s = self._success(kv, len(run.prompt), rollout, t, cands, run.gen, run.q.record)
         stats = teach[0][2] if teach else vocab_stats(zp[None], zp[None], torch.tensor([y], device=zp.device))[0]
         lp = candidate_logs(zp, cands, stats[COL["lnorm_p"]])  # (K,)
         p = lp.exp()
         v, _ = value_and_ideal(on_k(lp), s)
-        rec = {"kind": "node", "question": q.qid, "rollout": r, "correct": correct, "position": t, "window": w,
-               "token": y, "text": self.text([y]), "V": v, "p_mass": float(p.sum()),
+        rec = {"kind": "node", "question": run.q.qid, "rollout": r, "correct": run.correct[r], "position": t,
+               "window": w, "token": y, "text": self.text([y]), "V": v, "p_mass": float(p.sum()),
                "K": [{"token": k, "text": self.text([k]), "p": float(p[i]), "S": float(s[i]), "q": {}}
                      for i, k in enumerate(cands)],
                "continuations": self.cfg.continuations, "teachers": {},
@@ -231,11 +251,6 @@ class Diagnosis:
                 "align_vocab": over_vocabulary(c, lq, st.cpu(), beta),
                 "kl": float(st[COL["kl_pq"]]), "js": float((1 - beta) * st[COL["kl_pm"]] + beta * st[COL["kl_qm"]]),
                 "q_mass": float(lq.exp().sum())}
-
-
-def logit_width(model: Any) -> int:
-    """How many logits the model outputs per position (its vocabulary, padded or not)."""
-    return model.get_output_embeddings().weight.shape[0]
 
 
 def candidate_logs(z: torch.Tensor, cands: list[int], lnorm: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ prompt. No padding is needed: every row shares the prefix; a row that emits a st
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,31 +40,41 @@ def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator, n
     return torch.multinomial(probs, n, replacement=True, generator=generator)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How continuation rows are drawn, the same for every prefix of a run: at `temperature` (0: greedy), a row
+    ending after any of `stop_ids` (kept), at most `max_rows` rows decoded together (None: all), tokens drawn
+    from the first `width` logits only (None: all)."""
+
+    temperature: float
+    stop_ids: set[int] | frozenset[int]
+    max_rows: int | None = None
+    width: int | None = None
+
+
 def continue_rows(model: Any, prefix: list[LayerKV], length: int, first: torch.Tensor, max_new: int,
-                  temperature: float, stop_ids: set[int], generator: torch.Generator,
-                  max_rows: int | None = None, width: int | None = None) -> list[list[int]]:
+                  generator: torch.Generator, sampling: Sampling) -> list[list[int]]:
     """Rows = copies of the cached prefix (its first `length` positions); row i starts with token first[i]
     and decodes up to `max_new` tokens in all, stopping after a stop token (kept). first: (B,).
 
-    At most `max_rows` rows decode together (None: all): each row holds its own copy of the prefix's cache,
+    At most `sampling.max_rows` rows decode together: each row holds its own copy of the prefix's cache,
     so on a large model the batch, not the model, can set the memory. The rows of later chunks draw from
     the generator after those of earlier ones: the samples depend on max_rows, not only on the seed.
-    Tokens are drawn from the first `width` logits only (None: all), so a student whose logit matrix is
+    Tokens are drawn from the first `sampling.width` logits only, so a student whose logit matrix is
     padded wider than a teacher's never samples an id the teacher has no logit for."""
-    size = max_rows or max(1, first.shape[0])
+    size = sampling.max_rows or max(1, first.shape[0])
     out: list[list[int]] = []
     for i in range(0, first.shape[0], size):
-        out += _decode_rows(model, prefix, length, first[i:i + size], max_new, temperature, stop_ids, generator,
-                            width)
+        out += _decode_rows(model, prefix, length, first[i:i + size], max_new, generator, sampling)
     return out
 
 
 def _decode_rows(model: Any, prefix: list[LayerKV], length: int, first: torch.Tensor, max_new: int,
-                 temperature: float, stop_ids: set[int], generator: torch.Generator,
-                 width: int | None) -> list[list[int]]:
+                 generator: torch.Generator, sampling: Sampling) -> list[list[int]]:
+    """One chunk of continue_rows: the rows decoded together, finished rows leaving the batch."""
     rows = first.shape[0]
     kv = [(k[:, :, :length].repeat(rows, 1, 1, 1), v[:, :, :length].repeat(rows, 1, 1, 1)) for k, v in prefix]
-    stops = torch.tensor(sorted(stop_ids), device=first.device)
+    stops = torch.tensor(sorted(sampling.stop_ids), device=first.device)
     out_rows: list[list[int]] = [[t] for t in first.tolist()]
     active = torch.arange(rows, device=first.device)[~torch.isin(first, stops)]  # rows still decoding
     last = first[active]  # (A,)
@@ -74,7 +85,7 @@ def _decode_rows(model: Any, prefix: list[LayerKV], length: int, first: torch.Te
                 break
             out = model(input_ids=last[:, None], use_cache=True, **cache_keyword(model, build_cache(kv)))
             kv = layer_kv(returned_cache(out))
-            last = draw(out.logits[:, -1, :width], temperature, generator)[:, 0]  # (A,)
+            last = draw(out.logits[:, -1, :sampling.width], sampling.temperature, generator)[:, 0]  # (A,)
             for i, t in zip(active.tolist(), last.tolist(), strict=True):
                 out_rows[i].append(t)
             going = ~torch.isin(last, stops)
@@ -82,4 +93,3 @@ def _decode_rows(model: Any, prefix: list[LayerKV], length: int, first: torch.Te
                 active, last = active[going], last[going]
                 kv = [(k[going], v[going]) for k, v in kv]
     return out_rows
-

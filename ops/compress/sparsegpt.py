@@ -4,6 +4,8 @@ weight's error on the columns not yet visited (the OBS core in obs.py), optional
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..core.dispatch import MAX_KERNEL_BLOCK, kernels, use_triton
@@ -31,24 +33,35 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
     drop_dead_inputs(w, h)
     hinv, report = damped_inverse_cholesky(h, percdamp)
     mask = torch.zeros_like(w, dtype=torch.bool)
-    grids = codes = None
+    rounding = None
     if quant is not None:
         grids = Grids(w_before if quant.group_size == -1 else w, quant, None)
-        codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+        rounding = _Rounding(grids, torch.empty(w.shape, dtype=torch.uint8, device=w.device))
     cols = w.shape[1]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        err = _sparsegpt_block(w, hinv, mask, i1, i2, sparsity, pattern, grids, codes)  # updates w[:, i1:i2], mask
+        err = _sparsegpt_block(w, hinv, mask, i1, i2, sparsity, pattern, rounding)  # updates w[:, i1:i2], mask
         spread_block_error(w, hinv, err, i1, i2)
     qw = None
-    if quant is not None:
-        qw = stored_codes(codes, grids, None, quant, cols)
+    if rounding is not None:
+        qw = stored_codes(rounding.codes, rounding.grids, None, quant, cols)
     return w, mask, report, qw
 
 
+@dataclass
+class _Rounding:
+    """The joint variant's state across blocks: the grids kept weights round to, and the codes chosen so far."""
+    grids: Grids
+    codes: torch.Tensor  # (R, C) uint8, filled column by column
+
+
 def _sparsegpt_block(w: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, i1: int, i2: int,
-                     sparsity: float, pattern: Pattern, grids=None, codes=None) -> torch.Tensor:
-    """Prune columns i1:i2 one by one, updating the rest of the block. Returns the scaled errors (R, i2-i1)."""
+                     sparsity: float, pattern: Pattern, rounding: _Rounding | None = None) -> torch.Tensor:
+    """Prune columns i1:i2 one by one, updating the rest of the block. Returns the scaled errors (R, i2-i1).
+
+    w (R, C) and mask (R, C) are updated in place; hinv (C, C) is the upper Cholesky factor of the damped H^-1. With
+    `rounding`, each kept weight is also rounded to its grid and its code stored (the joint variant)."""
+    grids = rounding.grids if rounding is not None else None
     w1 = w[:, i1:i2].clone()
     h1 = hinv[i1:i2, i1:i2]
     d1 = torch.diag(h1)
@@ -74,7 +87,7 @@ def _sparsegpt_block(w: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, i1
             scale, zero = pairs[i]
             code = torch.clamp(torch.round(q / scale) + zero, 0, grids.spec.maxq)
             q = scale * (code - zero)
-            codes[:, i1 + i] = code.to(torch.uint8)
+            rounding.codes[:, i1 + i] = code.to(torch.uint8)
         err[:, i] = settle_column(w1, h1, i, q)
     w[:, i1:i2] = w1
     mask[:, i1:i2] = m1

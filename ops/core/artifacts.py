@@ -100,13 +100,3 @@ def check_finite(path: str | Path, tensors: dict[str, Any]) -> None:
             bad = int((~t.isfinite()).sum())
             raise UserError(f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf): the file is "
                             "damaged or the run that wrote it diverged; remake it")
-
-
-def load_prompt_bank(path: str, lm: Any, route: Any = None) -> Any:
-    """A bank's prompts (M, P, d) for the loaded model `lm`: refused when trained for another model, when
-    its width is not the model's, or when `route` (fixed:K) names a row it does not have."""
-    from ..recover.prompts import BANK_KIND, Route, check_bank
-
-    tensors, _ = load_artifact(path, kind=BANK_KIND, fingerprint=lm.fingerprint, model=lm.spec, names=["prompts"])
-    check_bank(tensors["prompts"], lm.model.get_input_embeddings().weight.shape[1], route or Route("none"), path)
-    return tensors["prompts"]

@@ -283,6 +283,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     return LoadedModel(model, tokenizer, path, model_fingerprint(path), spec)
 
 
+def logit_width(model: Any) -> int:
+    """How many logits the model outputs per position (its vocabulary, padded or not)."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 

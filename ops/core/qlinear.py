@@ -77,8 +77,10 @@ class QuantLinear(nn.Module):
             # compute-bound, or differentiated: de-quantize this layer (transiently) and use the GEMM
             return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
         if use_triton(x):
-            return kernels("quant").matmul(x, self.qweight, self.scales, self.qzeros, self.g_idx, self.bits,
-                                           self.in_features, self.group_width, self.bias)
+            quant = kernels("quant")
+            w = quant.PackedMatrix(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.in_features,
+                                   self.group_width)
+            return quant.matmul(x, w, self.bias)
         if x.is_cuda:  # RECHANNEL_KERNELS=torch on a GPU: de-quantize per call, never keep a dense copy there
             return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
         if self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:

@@ -75,3 +75,25 @@ def read_jsonl(path: str, require: Sequence[str] = (), allow_empty: bool = False
     if not records and not allow_empty:
         raise UserError(f"{name}: no records")
     return records
+
+
+def parse_range(text: str) -> slice:
+    """'500:1000' -> slice(500, 1000); '' -> everything. Half-open, like a Python slice."""
+    if not text:
+        return slice(None)
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return slice(int(start) if start else None, int(stop) if stop else None)
+    except ValueError:
+        raise UserError(f"--docs {text!r}: expected START:END, e.g. 0:500") from None
+
+
+def load_texts(data: str, field: str, docs: str) -> list[str]:
+    """The texts of `data` (JSONL) in the range `docs`; every record checked before any work starts."""
+    records = read_jsonl(data, require=(field,))
+    texts = [r.field(field, str) for r in records][parse_range(docs)]
+    if not texts:
+        raise UserError(f"{data}: no documents in range --docs {docs}")
+    return texts

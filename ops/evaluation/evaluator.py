@@ -1,7 +1,7 @@
 """Run one task of each kind and turn its scores into per-example records and aggregate metrics.
 
-`eval` (cli/eval.py) picks the tasks, loads the model, writes the records and the results file; the
-work of each kind is here. A `Conditioning` says what is put in front of every example: nothing, or a
+`evaluate` (api.py) picks the tasks, loads the model, and hands out the records and the results document;
+the work of each kind is here. A `Conditioning` says what is put in front of every example: nothing, or a
 row of a soft-prompt bank chosen per example by a router.
 """
 
@@ -21,7 +21,7 @@ from .formats import ChoiceExample, QAExample
 from .loglik import ScoreUnit, encode_pair, score_units, share_prefix
 from .metrics import choice_metrics, mean_stderr, qa_metrics
 
-Progress = Callable[[int], None]
+Advance = Callable[[int], None]  # told how much work (examples, score units) each batch did
 
 
 @dataclass
@@ -48,6 +48,15 @@ class Conditioning:
             raise UserError(f"--route record: example {example.id} names prompt {example.routed}; the bank has "
                             f"{len(self.prompts)}")
         return example.routed
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the log-likelihood loop runs besides its batch size: at most `max_tokens` padded tokens per forward
+    batch (on a CPU, long sequences run faster in small batches), and who is told each batch's score units."""
+
+    max_tokens: int | None = None
+    on_progress: Advance | None = None
 
 
 @dataclass
@@ -92,13 +101,12 @@ def _units(tokenizer: Any, examples: Sequence[ChoiceExample], cond: Conditioning
 
 
 def run_choice_task(model: nn.Module, tokenizer: Any, task: str, kind: str, examples: Sequence[ChoiceExample],
-                    batch_size: int, cond: Conditioning, on_progress: Progress | None = None,
-                    max_tokens: int | None = None) -> TaskRun:
+                    batch_size: int, cond: Conditioning, scoring: Scoring = Scoring()) -> TaskRun:
     """mc (acc, acc_norm), partial (acc) and lastword (acc = greedy, perplexity) tasks."""
     t0 = time.perf_counter()
     units, where = _units(tokenizer, examples, cond)
     scores = score_units(model, units, batch_size, cond.prompts, tokenizer.pad_token_id or 0,
-                         on_batch=on_progress, max_tokens=max_tokens)
+                         on_batch=scoring.on_progress, max_tokens=scoring.max_tokens)
     _refuse_nonfinite(task, [[scores[u][j].loglik for u, j in slots] for slots in where])
     records = []
     for ex, slots in zip(examples, where, strict=True):
@@ -161,7 +169,7 @@ def _generate_batch(model: nn.Module, tokenizer: Any, prompts_text: Sequence[str
 
 
 def run_qa_task(model: nn.Module, tokenizer: Any, task: str, examples: Sequence[QAExample], batch_size: int,
-                cond: Conditioning, on_progress: Progress | None = None) -> TaskRun:
+                cond: Conditioning, on_progress: Advance | None = None) -> TaskRun:
     """Closed-book QA: greedy generation until a newline, exact match and F1 against every alias."""
     t0 = time.perf_counter()
     routes = cond.rows([ex.prompt for ex in examples], examples)

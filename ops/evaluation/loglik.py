@@ -98,7 +98,7 @@ def score_batch(model: nn.Module, units: Sequence[ScoreUnit], prompts: torch.Ten
     owners = torch.tensor([b for _, b, _ in heads], dtype=torch.long)
     last = out.last_hidden_state[owners.to(device), (prefix_len[owners] - 1).to(device)]  # (heads, d)
     picks = _pick(model, last, [t for _, _, t in heads])
-    tails = _score_suffixes(decoder, model, cache, rows, mask, prefix_len, pad_id, device)
+    tails = _score_suffixes(decoder, model, cache, rows, _Prefixes(mask, prefix_len, pad_id, device))
     for (r, _, _), pick in zip(heads, picks, strict=True):
         tails[r].insert(0, pick)
     scores: list[list[ContinuationScore]] = [[] for _ in units]
@@ -134,9 +134,19 @@ def width_groups(lengths: Sequence[int]) -> list[list[int]]:
     return groups
 
 
+@dataclass(frozen=True)
+class _Prefixes:
+    """The batch's prefixes, as the suffixes run on top of their cache: attention mask (B, P + Lp) of soft
+    prompt and prefix tokens, real lengths (B,) counting the soft prompt, the pad id, and the model's device."""
+
+    mask: torch.Tensor
+    lengths: torch.Tensor
+    pad_id: int
+    device: torch.device
+
+
 def _score_suffixes(decoder: nn.Module, model: nn.Module, cache, rows: list[tuple[int, tuple[int, ...], int]],
-                    prefix_mask: torch.Tensor, prefix_len: torch.Tensor, pad_id: int, device
-                    ) -> list[list[tuple[float, bool]]]:
+                    prefixes: _Prefixes) -> list[list[tuple[float, bool]]]:
     """Run every suffix but its last token on its prefix's cache, in groups of similar length; per row,
     (log-prob, is the argmax) of the scored suffix tokens after the first."""
     tails: list[list[tuple[float, bool]]] = [[] for _ in rows]
@@ -145,19 +155,21 @@ def _score_suffixes(decoder: nn.Module, model: nn.Module, cache, rows: list[tupl
     for g, members in enumerate(groups):
         group = [todo[i] for i in members]
         group_cache = cache if g == len(groups) - 1 else copy.deepcopy(cache)  # each forward extends its cache
-        _score_group(decoder, model, group_cache, rows, group, prefix_mask, prefix_len, pad_id, device, tails)
+        _score_group(decoder, model, group_cache, rows, group, prefixes, tails)
     return tails
 
 
 def _score_group(decoder: nn.Module, model: nn.Module, cache, rows: list[tuple[int, tuple[int, ...], int]],
-                 group: list[int], prefix_mask: torch.Tensor, prefix_len: torch.Tensor, pad_id: int, device,
-                 tails: list[list[tuple[float, bool]]]) -> None:
+                 group: list[int], prefixes: _Prefixes, tails: list[list[tuple[float, bool]]]) -> None:
+    """One group of suffixes (rows of `rows`) in one forward pass on a copy of their prefixes' cache rows;
+    appends each row's scored (log-prob, is the argmax) to `tails`."""
+    device = prefixes.device
     width = max(len(rows[r][1]) for r in group) - 1
     owner = torch.tensor([rows[r][0] for r in group])
     cache.batch_select_indices(owner.to(device))  # (B, ...) -> (group, ...): one copy of the prefix per row
-    ids, mask = pad_rows([rows[r][1][:-1] for r in group], width, pad_id)  # (group, width)
-    positions = prefix_len[owner].view(-1, 1) + torch.arange(width).view(1, -1)  # (group, width)
-    attention = torch.cat([prefix_mask[owner], mask], 1)
+    ids, mask = pad_rows([rows[r][1][:-1] for r in group], width, prefixes.pad_id)  # (group, width)
+    positions = prefixes.lengths[owner].view(-1, 1) + torch.arange(width).view(1, -1)  # (group, width)
+    attention = torch.cat([prefixes.mask[owner], mask], 1)
     hidden = decoder(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
                      use_cache=True, **cache_keyword(decoder, cache)).last_hidden_state  # (group, width, d)
     where = [(i, r, j) for i, r in enumerate(group) for j in range(max(1, len(rows[r][1]) - rows[r][2]), len(rows[r][1]))]

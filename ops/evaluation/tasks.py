@@ -1,5 +1,5 @@
 """The evaluation task registry. Each task knows its files under the data directory, the reader of their
-published format (ops/task_formats.py) and its kind, which decides the metrics; `eval` looks tasks up
+published format (formats.py) and its kind, which decides the metrics; `eval` looks tasks up
 here, never in an if/elif chain. A user's own file becomes a task through `user_task`.
 
 Kinds: `mc` (log-likelihood of each choice: acc, acc_norm), `partial` (WinoGrande's partial scoring: acc),

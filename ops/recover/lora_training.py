@@ -1,6 +1,6 @@
 """Training a LoRA adapter on a frozen (compressed) model: the re-training baseline IDP is compared with.
 
-The same windows, objective and optimizer loop as prompt training (ops/training.py), so the two differ
+The same windows, objective and optimizer loop as prompt training (training.py), so the two differ
 only in where the extra parameters sit: rank-r matrices beside the targeted projections instead of
 virtual tokens in front of the input.
 """

@@ -8,7 +8,7 @@ sees all the data); only the prompts receive gradients (AdamW). Objectives, per
 token of the window: `kd`, KL(teacher || student with prompt) over the vocabulary, the teacher being the
 dense model on the same window without a prompt (the recovery setting); `lm`, next-token cross-entropy.
 
-Random assignment at step s depends on (seed, s) only, so a resumed run continues exactly (ops/training.py).
+Random assignment at step s depends on (seed, s) only, so a resumed run continues exactly (training.py).
 """
 
 from __future__ import annotations

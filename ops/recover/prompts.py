@@ -5,13 +5,14 @@ for one model (its fingerprint) and refused on any other: prompts are trained ag
 
 Routes: `none` (no prompt), `fixed:K` (prompt K for every example), `attention` (IDP: the prompt the
 example's tokens attend to most), `entropy` (the prompt under which the model is least uncertain; see
-ops/routing.py for these two) and `record` (the prompt a record's `route` field names, as `route` writes it).
+routing.py for these two) and `record` (the prompt a record's `route` field names, as `route` writes it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -74,3 +75,13 @@ def router(route: Route, model=None, tokenizer=None, bank: torch.Tensor | None =
         return lambda texts: [k for k, _ in route_rows(model, kv, routing_ids(tokenizer, texts), route.kind, layers,
                                                        pad_id=pad)]
     return lambda texts: [None] * len(texts)
+
+
+def load_prompt_bank(path: str, lm: Any, route: Any = None) -> Any:
+    """A bank's prompts (M, P, d) for the loaded model `lm`: refused when trained for another model, when
+    its width is not the model's, or when `route` (fixed:K) names a row it does not have."""
+    from ..core.artifacts import load_artifact
+
+    tensors, _ = load_artifact(path, kind=BANK_KIND, fingerprint=lm.fingerprint, model=lm.spec, names=["prompts"])
+    check_bank(tensors["prompts"], lm.model.get_input_embeddings().weight.shape[1], route or Route("none"), path)
+    return tensors["prompts"]

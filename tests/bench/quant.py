@@ -5,8 +5,8 @@ path, then timed with triton.testing.do_bench (medians):
 - W4A16 / W3A16 fused matmul (group 128) vs the fp16 matmul x @ W^T with a dense fp16 W, at batch M = 1,
   8, 32, 128; the roofline is the bytes the fused kernel must move (packed weights, scales, zeros and
   activations read, the output written) over the copy bandwidth measured in the same run;
-- rtn_pack vs ops.quant.rtn + pack_rows, as GB/s of fp16 weight read;
-- GPTQ on one 4096x4096 layer with a random Hessian: ops.quant.gptq with RECHANNEL_KERNELS=torch vs triton.
+- rtn_pack vs ops.compress.rtn.rtn + pack_rows, as GB/s of fp16 weight read;
+- GPTQ on one 4096x4096 layer with a random Hessian: ops.compress.gptq.gptq with RECHANNEL_KERNELS=torch vs triton.
 Appends a markdown section to --out (default: stdout only).
 """
 
@@ -45,7 +45,7 @@ def _packed(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, tor
 def _bench_matmul(bw: float) -> list[str]:
     from triton.testing import do_bench
 
-    from rechannel.triton_kernels.quant import dequantize, matmul
+    from rechannel.triton_kernels.quant import PackedMatrix, dequantize, matmul
 
     rows = ["| fused matmul | shape (out×in) | M | fp16 ms | quantized ms | speed-up | GB/s | % of copy bandwidth |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -57,7 +57,7 @@ def _bench_matmul(bw: float) -> list[str]:
             w_q = dequantize(packed, scales, zeros, None, bits, c, GROUP, torch.float16)  # the same weight, dense
             for m in BATCHES:
                 x = torch.randn(m, c, device="cuda", dtype=torch.float16, generator=g)
-                fused = partial(matmul, x, packed, scales, zeros, None, bits, c, GROUP)
+                fused = partial(matmul, x, PackedMatrix(packed, scales, zeros, None, bits, c, GROUP))
                 dense = partial(torch.matmul, x, w_q.t())
                 y, ref = fused().float(), dense().float()  # the first fused call autotunes
                 size = x.float().abs() @ w_q.float().abs().t()
@@ -72,7 +72,7 @@ def _bench_matmul(bw: float) -> list[str]:
 
 
 def _rtn_torch(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The torch path of ops.quant.rtn, then packing (rtn itself would take the kernel for a CUDA tensor)."""
+    """The torch path of ops.compress.rtn.rtn, then packing (rtn itself would take the kernel for a CUDA tensor)."""
     from rechannel.ops.compress.grid import QuantSpec
     from rechannel.ops.compress.rtn import rtn
     from rechannel.ops.core.packed import pack_rows

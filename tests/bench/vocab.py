@@ -2,7 +2,7 @@
 
 Needs a CUDA GPU (without one it says so and exits 0). Three paths compute the same per-token columns:
 - eager: the plain torch formulas on the whole [tokens, vocab] matrix in float32 (what one writes first);
-- chunked: ops.vocab_stats.vocab_stats_torch, the same three passes as the kernel, 8192 columns at a time;
+- chunked: ops.align.vocab_stats.vocab_stats_torch, the same three passes as the kernel, 8192 columns at a time;
 - triton: triton_kernels.vocab_stats.
 Each is checked against the eager result, then timed with triton.testing.do_bench (median) and its peak
 memory measured above the inputs. The roofline: the kernel reads both logit matrices three times, so its

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import torch
 
-from tests.conftest import make_tiny_llama, run_cli
+from conftest import make_tiny_llama, run_cli
 
 VERIFIER = "regex:([aeiou])"  # the last vowel of the completion must be the record's answer: S varies by token
 
@@ -54,8 +54,9 @@ def full_run(tiny_model, questions, second_teacher, tmp_path_factory):
 
 def _independent(node: dict, teacher: str, beta: float = 0.5) -> tuple[dict, float]:
     """Alignments on K and the teacher advantage from the record's p, q, S alone (plain float64 Python)."""
-    p = [k["p"] for k in node["K"]]
-    q = [k["q"][teacher] for k in node["K"]]
+    tiny = 5e-324  # the smallest float64: a probability stored as 0 (underflow) keeps log() in its domain
+    p = [max(k["p"], tiny) for k in node["K"]]
+    q = [max(k["q"][teacher], tiny) for k in node["K"]]
     s = [k["S"] for k in node["K"]]
     adv = math.log(q[0]) - math.log(p[0])  # the sampled token's reward, over the full vocabulary
     p = [x / sum(p) for x in p]
@@ -253,7 +254,7 @@ def test_continuations_in_smaller_batches_decode_the_same_rows(tiny_model):
     from transformers import AutoModelForCausalLM
 
     from rechannel.ops.align.diagnosis import prompt_state
-    from rechannel.ops.align.rollouts import continue_rows
+    from rechannel.ops.align.rollouts import Sampling, continue_rows
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     ids = [1, 5, 9, 13, 17]
@@ -262,13 +263,13 @@ def test_continuations_in_smaller_batches_decode_the_same_rows(tiny_model):
 
     def rows(max_rows, temperature, seed=0, first=first):
         gen = torch.Generator().manual_seed(seed)
-        return continue_rows(model, kv, len(ids), first, 6, temperature, {2}, gen, max_rows)
+        return continue_rows(model, kv, len(ids), first, 6, gen, Sampling(temperature, {2}, max_rows))
 
     assert rows(None, 0.0) == rows(1, 0.0) == rows(2, 0.0) == rows(64, 0.0)
     assert [r[0] for r in rows(2, 0.0)] == first.tolist() and all(len(r) <= 6 for r in rows(2, 0.0))
     gen = torch.Generator().manual_seed(7)
     one_by_one = [row for i in range(0, 5, 2)
-                  for row in continue_rows(model, kv, len(ids), first[i:i + 2], 6, 1.0, {2}, gen)]
+                  for row in continue_rows(model, kv, len(ids), first[i:i + 2], 6, gen, Sampling(1.0, {2}))]
     assert rows(2, 1.0, seed=7) == one_by_one
 
 
@@ -278,7 +279,7 @@ def test_sampling_stays_inside_the_width_shared_with_the_teachers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from rechannel.ops.align.diagnosis import prompt_state
-    from rechannel.ops.align.rollouts import continue_rows
+    from rechannel.ops.align.rollouts import Sampling, continue_rows
 
     model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "wide", pad_vocab=16)).eval()
     width = model.config.vocab_size - 16
@@ -287,8 +288,9 @@ def test_sampling_stays_inside_the_width_shared_with_the_teachers(tmp_path):
     ids = [1, 5, 9, 13]
     _, kv = prompt_state(model, ids)
     first = torch.tensor([3] * 8)
-    free = continue_rows(model, kv, len(ids), first, 5, 1.0, set(), torch.Generator().manual_seed(0))
-    bounded = continue_rows(model, kv, len(ids), first, 5, 1.0, set(), torch.Generator().manual_seed(0), None, width)
+    free = continue_rows(model, kv, len(ids), first, 5, torch.Generator().manual_seed(0), Sampling(1.0, set()))
+    bounded = continue_rows(model, kv, len(ids), first, 5, torch.Generator().manual_seed(0),
+                            Sampling(1.0, set(), width=width))
     assert any(t >= width for row in free for t in row[1:])
     assert all(t < width for row in bounded for t in row) and all(len(row) == 5 for row in bounded)
 

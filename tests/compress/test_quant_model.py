@@ -51,7 +51,8 @@ def test_packed_model_equals_its_dense_export(packed_and_dense, tiny_model):
     a, b = _logits(packed, ids), _logits(dense, ids)
     # the packed file keeps embeddings and norms in float16: the logits agree to float16 precision
     assert (a - b).abs().max() < 2e-3 * b.abs().max()
-    # every packed weight equals the dense export's weight up to float32 rounding of the same value
+    # every packed weight equals the dense export's weight exactly: the export is written by the same
+    # dequantize of the same codes and float16 scales (scale × integer code is exact in float32)
     for name, m in packed.model.named_modules():
         if isinstance(m, QuantLinear):
             torch.testing.assert_close(m.dequantize(), dense.model.get_submodule(name).weight, rtol=0, atol=0)
@@ -133,6 +134,8 @@ def test_sequential_gptq_quantizes_each_block_on_quantized_inputs(tiny_model, tr
     cfg = PruneConfig("gptq", 0.0, Pattern(), spec, batch_size=4, true_sequential=true_sequential)
     report = prune_sequential(ours.model, windows, cfg)
     reference_sequential_gptq(ref.model, windows, spec, LLAMA_GROUPS if true_sequential else None)
+    # the same float32 ops on the same 4-window batch on both sides (H, the GPTQ loop): identical but for
+    # ulps of weights |w| < 1 (u·|w| < 6e-8); a code off by one would be a whole grid step ≫ 1e-6
     for (name, a), (_, b) in zip(ours.model.named_parameters(), ref.model.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     assert len(report.quantized) == 14 and all(0 < r.rel_error < 1 for r in report.layers)
@@ -169,7 +172,8 @@ def test_joint_sparsegpt_quantization_keeps_pruned_weights_at_zero():
     w, h = torch.randn(16, 32, generator=g), 2 * x.t() @ x / 300
     new_w, mask, _, qw = sparsegpt(w, h, 0.5, Pattern(2, 4), 16, quant=QuantSpec(4, 16))
     assert torch.all(new_w[mask] == 0) and torch.all(mask.view(16, -1, 4).sum(2) == 2)
-    torch.testing.assert_close(qw.dequantize(), new_w, rtol=2**-10, atol=0)  # the codes, on float16 scales
+    # the codes, on float16 scales: within 2^-11 relative of the loop's float32 grid (scale × code is exact)
+    torch.testing.assert_close(qw.dequantize(), new_w, rtol=2**-10, atol=0)
     assert torch.all(qw.dequantize()[mask] == 0)
     pruned_only, mask_only, _, none = sparsegpt(w, h, 0.5, Pattern(2, 4), 16)
     assert none is None and not torch.equal(pruned_only, new_w)

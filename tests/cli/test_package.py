@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 COMMANDS = [[], ["models"], ["models", "prepare"], ["inspect"], ["generate"], ["calibrate"], ["compress"], ["eval"],
             ["train-prompts"], ["route"], ["align"], ["table"]]

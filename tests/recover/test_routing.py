@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import U32, attention_mass_error, entropy_error, log_softmax_error, logit_bound, logit_error
 
 from rechannel.ops.core.errors import UserError
 from rechannel.ops.core.models import load_model
@@ -19,6 +20,24 @@ from rechannel.ops.recover.routing import (
 )
 
 M, P = 3, 5
+
+
+def _mass_tolerance(model, keys: int, tokens: int) -> float:
+    """Two float32 computations of a routing score by different paths (shapes, masks, caches): each attention
+    mass within attention_mass_error of exact (the last layer the worse), plus the float32 Σ over a prompt's
+    P keys, the mean over heads, the Σ over ≤ `tokens` tokens, the divisions and the layers' sum."""
+    heads = model.config.num_attention_heads
+    return 2 * attention_mass_error(model, model.config.num_hidden_layers - 1, keys) \
+        + (P + heads + tokens + 4) * U32
+
+
+def _entropy_tolerance(model, logp: torch.Tensor, keys: int, tokens: int, sides: int) -> float:
+    """Entropy scores from two forwards by different paths, whose logits are each within logit_error of
+    exact, `sides` of them computed in float32 (the log-softmax's own error, the Σ over the vocabulary and
+    the mean over ≤ `tokens` tokens: entropy_error); `logp`: float64 log-probs of those logits."""
+    vocab = model.config.vocab_size
+    e = log_softmax_error(vocab, logit_bound(model))
+    return entropy_error(logp, 2 * logit_error(model, keys), sides * e, sides * (vocab + tokens + 3))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +94,9 @@ def naive_scores(model, bank, ids, mask, layers):
 def test_cached_one_pass_scores_equal_the_naive_computation(lm, bank, layers):
     ids, mask = _batch()
     got = attention_scores(lm.model, bank_kv(lm.model, bank), ids, mask, layers)
-    torch.testing.assert_close(got.double(), naive_scores(lm.model, bank, ids, mask, layers), rtol=0, atol=1e-5)
+    tol = _mass_tolerance(lm.model, M * P + ids.shape[1], ids.shape[1])  # cached pass vs one long sequence
+    want = naive_scores(lm.model, bank, ids, mask, layers)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
     assert got.shape == (2, M) and (got > 0).all() and (got.sum(1) < 1).all()
 
 
@@ -87,8 +108,9 @@ def test_prompt_through_the_cache_equals_prompt_as_embeddings(lm, bank):
     full_mask = torch.cat([torch.ones(2, P, dtype=torch.long), mask], 1)
     with torch.no_grad():
         want = lm.model(inputs_embeds=embeds, attention_mask=full_mask).logits[:, P:]
-    real = mask.bool()
-    torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)
+    real = mask.bool()  # two float32 forwards (cached prompt, prompt as embeddings): each within logit_error
+    tol = 2 * logit_error(lm.model, P + ids.shape[1])
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=tol)
 
 
 def test_entropy_route_picks_the_least_uncertain_prompt(lm, bank):
@@ -102,7 +124,8 @@ def test_entropy_route_picks_the_least_uncertain_prompt(lm, bank):
             logp = torch.log_softmax(lm.model(inputs_embeds=embeds, attention_mask=full_mask).logits[:, P:].double(), -1)
         entropy = -(logp.exp() * logp).sum(-1)
         want = (entropy * mask).sum(1) / mask.sum(1)
-        torch.testing.assert_close(got[:, k].double(), want, rtol=1e-5, atol=1e-6)
+        tol = _entropy_tolerance(lm.model, logp[mask.bool()], P + ids.shape[1], ids.shape[1], sides=1)
+        torch.testing.assert_close(got[:, k].double(), want, rtol=0, atol=tol)
     chosen, scores = route(lm.model, kv, ids, mask, "entropy", [0])
     assert torch.equal(chosen, got.argmin(1)) and torch.equal(scores, got)
 
@@ -132,6 +155,9 @@ def test_prefix_attention_equals_transformers_attention_weights(lm, bank):
     ids, mask = _batch()
     soft = bank[[0, 2]]  # (2, P, d)
     got = prefix_attention(lm.model, ids, mask, soft)
+    # the same eager forward on the same inputs on both sides: identical weights, reduced in float32 there
+    # (Σ over P keys, mean over heads, Σ over the B·T tokens, the division) and in float64 here
+    heads, tokens = lm.model.config.num_attention_heads, ids.numel()
     embeds = torch.cat([soft, lm.model.get_input_embeddings()(ids)], 1)
     full_mask = torch.cat([torch.ones(2, P, dtype=torch.long), mask], 1)
     with torch.no_grad(), eager_attention(lm.model):
@@ -139,12 +165,12 @@ def test_prefix_attention_equals_transformers_attention_weights(lm, bank):
     for layer, w in enumerate(out.attentions):  # (B, H, P+T, P+T)
         mass = w[:, :, P:, :P].double().sum(-1).mean(1)  # (B, T)
         want = (mass * mask).sum() / mask.sum()
-        assert got[layer].item() == pytest.approx(want.item(), abs=1e-6)
+        assert got[layer].item() == pytest.approx(want.item(), abs=(P + heads + tokens + 2) * U32)
     plain = prefix_attention(lm.model, ids, mask)  # no prompt: the mass on the first token
     with torch.no_grad(), eager_attention(lm.model):
         out = lm.model(input_ids=ids, attention_mask=mask, output_attentions=True)
     want = [((w[:, :, :, 0].double().mean(1) * mask).sum() / mask.sum()).item() for w in out.attentions]
-    assert plain.tolist() == pytest.approx(want, abs=1e-6)
+    assert plain.tolist() == pytest.approx(want, abs=(heads + tokens + 2) * U32)  # one key: no Σ over P
 
 
 @pytest.mark.parametrize("by", ["attention", "entropy"])
@@ -161,4 +187,12 @@ def test_rows_routed_in_padded_batches_equal_rows_routed_alone(lm, bank, by):
         ids = torch.tensor([row])
         chosen, want = route(lm.model, kv, ids, torch.ones_like(ids), by, [0, 1])
         assert k == int(chosen[0])
-        torch.testing.assert_close(torch.tensor(scores), want[0], rtol=0, atol=1e-5)
+        longest = max(map(len, rows))  # padded batches of 3 against one row alone
+        if by == "attention":
+            tol = _mass_tolerance(lm.model, M * P + longest, longest)
+        else:
+            logp = torch.cat([torch.log_softmax(prompted_logits(lm.model, kv, torch.tensor([j]), ids,
+                                                                torch.ones_like(ids)).double(), -1)
+                              for j in range(M)])
+            tol = _entropy_tolerance(lm.model, logp, P + longest, longest, sides=2)
+        torch.testing.assert_close(torch.tensor(scores), want[0], rtol=0, atol=tol)

@@ -63,8 +63,10 @@ def test_rtn_groups_match_per_group_grid(group):
         scale, zero = find_grid(w[:, a:a + width].double(), 3, False)
         want = scale[:, None] * (torch.clamp(torch.round(w[:, a:a + width].double() / scale[:, None]) + zero[:, None], 0, 7)
                                  - zero[:, None])
+        # exact when the codes agree: a float16 scale (11 bits) times an integer ≤ 7 fits float32; a code
+        # off by one would be a whole scale (≥ 2^-14) away, far above 1e-6
         torch.testing.assert_close(qw.dequantize()[:, a:a + width].double(), want, rtol=0, atol=1e-6)
-    err = (qw.dequantize() - w).abs()
+    err = (qw.dequantize() - w).abs()  # + 1e-6: float32 w / scale moves a rounding point by ≤ u·|w| ≈ 3e-7
     assert torch.all(err <= qw.scales.float().repeat_interleave(width, 1)[:, :16] / 2 + 1e-6)  # nothing clipped
 
 
@@ -125,8 +127,12 @@ def test_gptq_matches_float64_reference(spec, blocksize):
     ref = reference_gptq(w, h, spec, blocksize=blocksize)
     # lazy and immediate updates round differently: a code may flip on a near-tie, all else agrees closely
     assert ((got - ref).abs() > 1e-9).float().mean() < 0.01
+    # both loops run in float64 (differences ~cols·κ(H)·u64 ≲ 1e-11): only a near-tie code flip, one grid
+    # step (≤ the largest scale, +1% for its float16 rounding), can exceed rounding
     torch.testing.assert_close(got, ref, rtol=0, atol=float(qw.scales.max()) * 1.01)
     # the stored codes and float16 scales give the loop's weights back to float16 precision
+    # float16 scales are within 2^-11 relative of the loop's, and scale × (code − zero) is exact in float32;
+    # atol covers the exact zeros (code == zero)
     torch.testing.assert_close(qw.dequantize(torch.float64), got, rtol=2**-10, atol=1e-12)
     assert report.retries == 0 and torch.all(got[:, 3] == 0)
     assert (qw.g_idx is not None) == (spec.act_order and not spec.static_groups and spec.group_size != -1)

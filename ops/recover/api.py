@@ -1,0 +1,392 @@
+"""The `train-prompts` driver as a Python API: train a bank of soft prompts (or the LoRA baseline) in front of
+a frozen, usually compressed, model and write it, with checkpoints, a loss curve and exact resumption.
+
+    from rechannel.ops.recover.api import TrainConfig, train_prompts
+    summary = train_prompts(TrainConfig(data="c4.jsonl", output="bank.safetensors", model="out/wanda50"))
+
+The CLI (`rechannel train-prompts`) is this function plus option parsing and one JSON summary line. The two
+methods share the driver and differ in a `Job`: what they initialise, train and write (`BankJob`,
+`LoraJob`). Everything heavy (torch, transformers) is imported inside the functions, so importing this
+module costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+from ..core.errors import UserError
+from ..core.progress import Progress, silent
+from ..core.records import load_texts
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..core.artifacts import Provenance
+    from ..core.models import LoadedModel
+    from .training import StepLog, TrainState
+
+CKPT_KIND = "training-checkpoint"
+RESUME_FREE = ("steps", "save_every", "log")  # settings that may change on --resume
+METHODS = ("prompts", "lora")
+DEFAULT_LR = {"prompts": 3e-2, "lora": 1e-3}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of `rechannel train-prompts`, with the same defaults."""
+
+    data: str  # JSONL of documents ('-' = stdin)
+    output: str  # the prompt bank (.safetensors), or with method "lora" the PEFT adapter directory
+    method: str = "prompts"  # prompts (a bank of soft prompts) or lora (the re-training baseline)
+    teacher: str | None = None  # the dense model for objective kd; None: the model this one was compressed from
+    field: str = "text"  # the record field holding the text
+    docs: str = ""  # documents to use, START:END ('' = all)
+    num_prompts: int = 4  # prompts in the bank (M); 1 is the single-prompt baseline
+    prompt_len: int = 16  # virtual tokens per prompt (P)
+    objective: str = "kd"  # kd: KL(teacher || student) per token; lm: next-token cross-entropy
+    assign: str = "router"  # which prompt a window trains: router, balanced, random, all
+    layers: str = "first"  # layers the router reads: first (the first 1/8), all, A:B or i,j,k
+    rank: int = 8  # lora: rank r of each adapter
+    alpha: float = 16.0  # lora: scale numerator (the update is alpha/r * B A)
+    targets: str = "q_proj,v_proj"  # lora: the projections to adapt, comma-separated names
+    steps: int = 300  # optimizer steps
+    lr: float | None = None  # AdamW learning rate; None: 3e-2 for prompts, 1e-3 for lora
+    batch: int = 8  # windows per step
+    seqlen: int = 256  # tokens per training window
+    init: str = "vocab"  # prompts: vocab (embeddings of random frequent tokens) or text:"some words"
+    seed: int = 0  # seed of the window draw, the init and random assignment
+    save_every: int = 50  # write a checkpoint (OUTPUT.ckpt) every N steps; 0: never
+    resume: bool = False  # continue from OUTPUT.ckpt (same settings; steps may grow)
+    log: str | None = None  # loss curve file, one JSON record per step
+    export_peft: str | None = None  # prompts: also write prompt `member` as a PEFT prompt-tuning adapter dir
+    member: int = 0  # the bank row export_peft writes
+    model: str = "smollm2-135m"  # built-in alias, .gguf file or model directory
+    device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:1 ...
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16
+    trust_remote_code: bool = False  # allow code shipped with the model
+
+    @property
+    def learning_rate(self) -> float:
+        """lr, or the method's default when none was given."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    def check(self) -> None:
+        """What can be refused before anything is read: an unknown method, outputs that clash or overwrite
+        an input."""
+        if self.method not in METHODS:
+            raise UserError(f"--method {self.method!r}: expected prompts or lora")
+        check_train_outputs(self)
+
+
+def checkpoint_path(output: str) -> Path:
+    """Where a run writing `output` keeps its checkpoint: OUTPUT.ckpt beside it."""
+    return Path(output).with_name(Path(output).name + ".ckpt")
+
+
+def check_train_outputs(config: TrainConfig) -> None:
+    """Refuse outputs that clash with each other or would overwrite the data or a model, before any work."""
+    from ..core.models import model_paths
+    from ..core.outputs import Input, Output, check_outputs
+
+    outs = [Output("-o", config.output, "dir" if config.method == "lora" else "file"),
+            Output("--log", config.log or ""), Output("--export-peft", config.export_peft or "", "dir")]
+    if config.save_every:
+        outs.append(Output("-o (its checkpoint)", str(checkpoint_path(config.output))))
+    ins = [Input("--data", config.data), *(Input("--model", p) for p in model_paths(config.model)),
+           *(Input("--teacher", p) for p in (model_paths(config.teacher) if config.teacher else []))]
+    check_outputs(outs, ins)
+
+
+def default_teacher(lm: LoadedModel) -> str:
+    """The dense model a compressed one was made from (its config's `rechannel.source`)."""
+    source = (getattr(lm.model.config, "rechannel", None) or {}).get("source", {})
+    if not source.get("model"):
+        raise UserError("--objective kd needs a teacher: --teacher DENSE_MODEL (this model records no source)")
+    return source["model"]
+
+
+def check_teacher(teacher: LoadedModel, lm: LoadedModel, spec: str) -> None:
+    """Refuse a teacher for `lm` unless it shares its vocabulary (distributions are compared token by token),
+    outputs a logit for every token, and, when `lm` records it as its source, still has the recorded
+    fingerprint (the dense model changed since the compression)."""
+    if teacher.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
+        raise UserError(f"the teacher {spec!r} has another vocabulary than the model; teacher and student "
+                        "distributions are compared token by token, so both must share one tokenizer")
+    from ..core.models import logit_width
+
+    widths = [logit_width(m) for m in (lm.model, teacher.model)]
+    if min(widths) < len(lm.tokenizer):
+        raise UserError(f"the teacher {spec!r} outputs {widths[1]} logits and the model {widths[0]}, fewer than "
+                        f"the tokenizer's {len(lm.tokenizer)} tokens")
+    recorded = (getattr(lm.model.config, "rechannel", None) or {}).get("source", {})
+    if recorded.get("model") == spec and recorded.get("fingerprint") not in (None, teacher.fingerprint):
+        raise UserError(f"the model was compressed from {spec!r} with fingerprint {recorded['fingerprint']}, "
+                        f"but {spec!r} now has fingerprint {teacher.fingerprint}")
+
+
+def write_peft(out_dir: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors), atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..core.atomic import atomic_path
+
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+                  str(tmp / "adapter_model.safetensors"))
+
+
+OnStep = Callable[["StepLog", "TrainState"], None]
+
+
+class Job(Protocol):
+    """What one training method initialises, trains and writes; the driver does the rest."""
+
+    label: str  # shown on the progress bar, e.g. "4x16 prompts"
+    args: dict[str, Any]  # the method's own settings, recorded in the provenance (and checked on resume)
+
+    def init(self) -> dict[str, torch.Tensor]:
+        """The fresh trainable tensors by name, float32 on the host."""
+        ...
+
+    def train(self, teacher: nn.Module | None, windows: torch.Tensor, state: TrainState,
+              on_step: OnStep) -> TrainState:
+        """Train from state.step to the configured steps on windows (N, T)."""
+        ...
+
+    def save(self, state: TrainState, loss: float, provenance: Provenance) -> dict[str, Any]:
+        """Write the result at config.output; the summary's method-specific fields."""
+        ...
+
+
+class BankJob:
+    """A bank of M soft prompts of P virtual tokens each, written as one .safetensors artefact (and, with
+    export_peft, one row of it as a PEFT prompt-tuning adapter)."""
+
+    def __init__(self, lm: LoadedModel, config: TrainConfig) -> None:
+        from ..core.blocks import decoder_blocks
+        from .prompt_training import PromptTrainConfig
+        from .routing import parse_layers
+
+        picked = tuple(parse_layers(config.layers, len(decoder_blocks(lm.model))))
+        self.cfg = PromptTrainConfig(config.num_prompts, config.prompt_len, config.objective, config.assign,
+                                     config.steps, config.learning_rate, config.batch, route_layers=picked,
+                                     seed=config.seed)
+        self.cfg.check()
+        if config.member >= config.num_prompts:
+            raise UserError(f"--member {config.member}: the bank has {config.num_prompts} prompts "
+                            f"(0..{config.num_prompts - 1})")
+        self.lm, self.config = lm, config
+        self.label = f"{config.num_prompts}x{config.prompt_len} prompts"
+        self.args = {"num_prompts": config.num_prompts, "prompt_len": config.prompt_len, "assign": config.assign,
+                     "layers": list(picked), "init": config.init}
+
+    def init(self) -> dict[str, torch.Tensor]:
+        from .prompt_training import init_bank
+
+        c = self.config
+        return {"prompts": init_bank(self.lm.model, self.lm.tokenizer, c.num_prompts, c.prompt_len, c.init, c.seed)}
+
+    def train(self, teacher: nn.Module | None, windows: torch.Tensor, state: TrainState,
+              on_step: OnStep) -> TrainState:
+        from .prompt_training import train_prompts as train_bank
+
+        return train_bank(self.lm.model, teacher, windows, self.cfg, state, on_step)
+
+    def save(self, state: TrainState, loss: float, provenance: Provenance) -> dict[str, Any]:
+        from ..core.artifacts import save_artifact
+        from .prompts import peft_prompt_config
+
+        c, bank = self.config, state.params["prompts"]  # (M, P, d)
+        shares = [round(n / max(sum(state.counts), 1), 4) for n in state.counts]
+        extra = {"method": "prompts", "prompts": c.num_prompts, "length": c.prompt_len, "objective": c.objective,
+                 "init": c.init, "steps": c.steps, "final_loss": loss, "assignment": shares,
+                 "parameters": bank.numel()}
+        save_artifact(c.output, {"prompts": bank}, replace(provenance, extra=extra))
+        if c.export_peft:
+            write_peft(c.export_peft, peft_prompt_config(bank[c.member], self.lm.model.config, provenance.model),
+                       {"prompt_embeddings": bank[c.member]})  # (P, d)
+        return {**extra, "peft": c.export_peft}
+
+
+class LoraJob:
+    """The re-training baseline: rank-r adapters beside the targeted projections (wrapped into the model
+    now), written as a PEFT LoRA adapter directory."""
+
+    def __init__(self, lm: LoadedModel, config: TrainConfig) -> None:
+        from .lora_training import LoraTrainConfig, init_lora
+
+        names = tuple(t.strip() for t in config.targets.split(",") if t.strip())
+        self.cfg = LoraTrainConfig(config.rank, config.alpha, names, config.objective, config.steps,
+                                   config.learning_rate, config.batch, config.seed)
+        self.cfg.check()
+        self.lm, self.config = lm, config
+        self.wrapped = init_lora(lm.model, self.cfg)
+        self.label = f"LoRA r={config.rank}"
+        self.args = {"rank": config.rank, "alpha": config.alpha, "targets": list(names)}
+
+    def init(self) -> dict[str, torch.Tensor]:
+        from .lora import lora_parameters
+
+        return {k: p.detach().float().cpu().clone() for k, p in lora_parameters(self.wrapped).items()}
+
+    def train(self, teacher: nn.Module | None, windows: torch.Tensor, state: TrainState,
+              on_step: OnStep) -> TrainState:
+        from .lora_training import train_lora
+
+        return train_lora(self.lm.model, self.wrapped, teacher, windows, self.cfg, state, on_step)
+
+    def save(self, state: TrainState, loss: float, provenance: Provenance) -> dict[str, Any]:
+        from .lora import peft_lora_config
+
+        c, names = self.cfg, list(self.cfg.targets)
+        write_peft(self.config.output, peft_lora_config(c.rank, c.alpha, names, provenance.model), state.params)
+        return {"method": "lora", "rank": c.rank, "alpha": c.alpha, "targets": names, "modules": len(self.wrapped),
+                "objective": c.objective, "steps": c.steps, "final_loss": loss,
+                "parameters": sum(t.numel() for t in state.params.values())}
+
+
+def _resume(output: str, args: dict[str, Any], fingerprint: str) -> TrainState:
+    """The checkpoint's training state, after checking it belongs to this very run."""
+    from ..core.artifacts import load_artifact
+    from .training import ADAM_KEYS, TrainState
+
+    path = checkpoint_path(output)
+    if not path.exists():
+        raise UserError(f"--resume: no checkpoint at {path}")
+    tensors, meta = load_artifact(path, kind=CKPT_KIND, fingerprint=fingerprint)
+    fixed = {k: v for k, v in args.items() if k not in RESUME_FREE}
+    was = {k: v for k, v in meta["args"].items() if k not in RESUME_FREE}
+    if was != fixed:
+        diff = sorted(k for k in set(was) | set(fixed) if was.get(k) != fixed.get(k))
+        raise UserError(f"--resume: {path} was made with other settings ({', '.join(diff)})")
+    adam = {k: v for k, v in tensors.items() if k.endswith(ADAM_KEYS)}
+    return TrainState({k: v for k, v in tensors.items() if k not in adam}, meta["step"], adam, meta["counts"])
+
+
+def _save_checkpoint(output: str, state: TrainState, provenance: Provenance) -> None:
+    """The trained tensors and AdamW moments at state.step, enough to continue exactly."""
+    from ..core.artifacts import save_artifact
+
+    save_artifact(checkpoint_path(output), {**state.params, **state.adam},
+                  replace(provenance, kind=CKPT_KIND, extra={"step": state.step, "counts": state.counts}))
+
+
+def _trim_log(path: str, step: int) -> None:
+    """Keep the loss-curve records up to `step` (a run that died after its last checkpoint logged more)."""
+    import orjson
+
+    from ..core.atomic import atomic_open
+
+    lines = Path(path).read_bytes().splitlines() if Path(path).exists() else []
+    with atomic_open(path) as f:
+        for line in lines:
+            if line.strip() and orjson.loads(line)["step"] <= step:
+                f.write(line + b"\n")
+
+
+def _start(config: TrainConfig, args: dict[str, Any], lm: LoadedModel, job: Job) -> TrainState:
+    """The state to train from: the checkpoint's with resume, else a fresh one; the log trimmed to it."""
+    from .training import TrainState
+
+    state = _resume(config.output, args, lm.fingerprint) if config.resume else TrainState(job.init())
+    if state.step >= config.steps:
+        raise UserError(f"--resume: the checkpoint is at step {state.step}, nothing left to do with --steps "
+                        f"{config.steps}")
+    if config.log:
+        _trim_log(config.log, state.step)
+    return state
+
+
+class _StepRecorder:
+    """The per-step callback of a run: loss log, checkpoints every save_every steps (and at the last), and
+    progress; remembers the last step's loss. A context manager that owns the log file."""
+
+    def __init__(self, config: TrainConfig, provenance: Provenance, stage: str, progress: Progress) -> None:
+        self.config, self.provenance, self.stage, self.progress = config, provenance, stage, progress
+        self.loss = math.nan
+        self._log: IO[bytes] | None = None
+
+    def __enter__(self) -> _StepRecorder:
+        self._log = open(self.config.log, "ab") if self.config.log else None  # noqa: SIM115 -- closed in __exit__
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._log:
+            self._log.close()
+
+    def __call__(self, rec: StepLog, state: TrainState) -> None:
+        import orjson
+
+        self.loss = rec.loss
+        if self._log:
+            counts = {"assignment": rec.counts} if rec.counts else {}
+            record = {"step": rec.step, "loss": rec.loss, **counts, "seconds": round(rec.seconds, 3)}
+            self._log.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+            self._log.flush()
+        every, steps = self.config.save_every, self.config.steps
+        if every and (rec.step % every == 0 or rec.step == steps):
+            _save_checkpoint(self.config.output, state, self.provenance)
+        self.progress(self.stage, advance=1, note=f"loss {rec.loss:.4f}")
+
+
+def _run(job: Job, teacher: LoadedModel | None, windows: torch.Tensor, state: TrainState,
+         recorder: _StepRecorder) -> tuple[TrainState, float]:
+    """The training loop under the recorder: (final state, last step's loss)."""
+    recorder.progress(recorder.stage, total=recorder.config.steps)
+    if state.step:
+        recorder.progress(recorder.stage, advance=state.step)
+    with recorder:
+        state = job.train(teacher.model if teacher else None, windows, state, recorder)
+    return state, recorder.loss
+
+
+def _job(lm: LoadedModel, config: TrainConfig) -> Job:
+    return BankJob(lm, config) if config.method == "prompts" else LoraJob(lm, config)
+
+
+def _load(spec: str, config: TrainConfig) -> LoadedModel:
+    from ..core.models import load_model
+
+    return load_model(spec, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
+
+
+def train_prompts(config: TrainConfig, progress: Progress = silent) -> dict[str, Any]:
+    """Train what `config` asks for and write it (config.output, the export_peft directory, the OUTPUT.ckpt
+    checkpoints, the log); the summary the CLI prints: output, model, fingerprint, the method's fields
+    (final_loss, parameters, ...) and seconds. Bad options and data are refused (UserError) before the
+    model loads; a resume with other settings before any training."""
+    from ..core.artifacts import Provenance
+    from ..core.windows import draw_windows
+
+    config.check()
+    t0 = time.perf_counter()
+    texts = load_texts(config.data, config.field, config.docs)  # every record checked before the model loads
+    lm = _load(config.model, config)
+    args = {"method": config.method, "data": config.data, "field": config.field, "docs": config.docs,
+            "objective": config.objective, "steps": config.steps, "lr": config.learning_rate, "batch": config.batch,
+            "seqlen": config.seqlen, "seed": config.seed, "save_every": config.save_every, "log": config.log}
+    job = _job(lm, config)
+    args.update(job.args)
+    teacher = None
+    if config.objective == "kd":
+        args["teacher"] = spec = config.teacher or default_teacher(lm)
+        teacher = _load(spec, config)
+        check_teacher(teacher, lm, spec)
+    provenance = Provenance("prompt-bank", config.model, lm.fingerprint, args)
+    state = _start(config, args, lm, job)
+    windows = draw_windows(texts, lm.tokenizer, config.steps * config.batch, config.seqlen, config.seed)  # (N, T)
+    recorder = _StepRecorder(config, provenance, f"training {job.label}", progress)
+    state, loss = _run(job, teacher, windows, state, recorder)
+    extra = job.save(state, loss, provenance)
+    return {"output": config.output, "model": config.model, "fingerprint": lm.fingerprint, **extra,
+            "seconds": round(time.perf_counter() - t0, 2)}
