@@ -124,14 +124,14 @@ def test_output_paths_that_cannot_work_fail_before_the_model_loads(tiny_model, d
         cases.append((["calibrate", "--model", str(tiny_model), "--data", str(docs), "-o", str(ro / "s")],
                       "permission denied"))
     for args, needle in cases:
-        _one_line_error(run_inproc(*args), needle)
+        assert _one_line_error(run_inproc(*args), needle)
 
 
 def test_a_cache_path_that_is_a_file_is_an_error(tmp_path):
     cache = tmp_path / "cache"
     cache.write_text("not a directory")
     r = run_inproc("generate", "hi", env={"RECHANNEL_CACHE": str(cache)})
-    _one_line_error(r, "RECHANNEL_CACHE", "is not a directory")
+    assert _one_line_error(r, "RECHANNEL_CACHE", "is not a directory")
 
 
 # --- -o onto devices, pipes and links ----------------------------------------------------------------------
@@ -168,10 +168,10 @@ def test_dash_o_dev_stdout_appends_to_a_redirected_file(tiny_model, tmp_path):
 # --- internal errors become messages ------------------------------------------------------------------------
 
 def test_empty_prompts_are_refused(tiny_model, tmp_path):
-    _one_line_error(run_inproc("generate", "--model", str(tiny_model), ""), "PROMPT 1", "empty")
+    assert _one_line_error(run_inproc("generate", "--model", str(tiny_model), ""), "PROMPT 1", "empty")
     src = tmp_path / "p.jsonl"
     src.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
-    _one_line_error(run_inproc("generate", "--model", str(tiny_model), "-i", str(src)), f"{src}:2", "empty")
+    assert _one_line_error(run_inproc("generate", "--model", str(tiny_model), "-i", str(src)), f"{src}:2", "empty")
 
 
 def test_a_prompt_longer_than_the_context_gives_both_lengths(tiny_model, tmp_path):
@@ -186,7 +186,7 @@ def test_a_prompt_longer_than_the_context_gives_both_lengths(tiny_model, tmp_pat
     assert "exceeds the model's context" in err
     huge = tmp_path / "huge.jsonl"
     huge.write_bytes(orjson.dumps({"prompt": "a" * 5_000_000}) + b"\n")  # refused by its length alone
-    _one_line_error(run_inproc("generate", "--model", str(tiny_model), "-i", str(huge)), f"{huge}:1", "characters")
+    assert _one_line_error(run_inproc("generate", "--model", str(tiny_model), "-i", str(huge)), f"{huge}:1", "characters")
 
 
 def test_closed_stdin_is_a_clear_error(tiny_model):
@@ -194,13 +194,13 @@ def test_closed_stdin_is_a_clear_error(tiny_model):
         cmd = [sys.executable, "-m", "rechannel.cli.main", *args]
         r = subprocess.run(" ".join(cmd) + " <&-", shell=True, capture_output=True, timeout=300,
                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-        _one_line_error(r, "stdin is closed")
+        assert _one_line_error(r, "stdin is closed")
 
 
 def test_devices_that_are_not_here(tiny_model):
-    _one_line_error(run_cli("generate", "--model", str(tiny_model), "hi", "--device", "cuda"), "--device cuda",
+    assert _one_line_error(run_cli("generate", "--model", str(tiny_model), "hi", "--device", "cuda"), "--device cuda",
                     "no CUDA GPU")
-    _one_line_error(run_cli("generate", "--model", str(tiny_model), "hi", "--device", "banana"), "--device 'banana'")
+    assert _one_line_error(run_cli("generate", "--model", str(tiny_model), "hi", "--device", "banana"), "--device 'banana'")
 
 
 def _truncated(src: Path, dst: Path) -> Path:
@@ -221,14 +221,14 @@ def test_damaged_safetensors_files_are_named(tiny_model, tmp_path, docs):
     cut = _truncated(bank, tmp_path / "cut.safetensors")
     past = _past_the_end(tmp_path / "past.safetensors")
     for f in (cut, past):
-        _one_line_error(run_inproc("inspect", str(f)), str(f))
-        _one_line_error(run_inproc("route", "--model", str(tiny_model), "-p", str(f), "-i", str(docs)), str(f))
-        _one_line_error(run_inproc("compress", "--model", str(tiny_model), "--method", "wanda", "--stats", str(f),
+        assert _one_line_error(run_inproc("inspect", str(f)), str(f))
+        assert _one_line_error(run_inproc("route", "--model", str(tiny_model), "-p", str(f), "-i", str(docs)), str(f))
+        assert _one_line_error(run_inproc("compress", "--model", str(tiny_model), "--method", "wanda", "--stats", str(f),
                                 "-o", str(tmp_path / "out")), str(f))
     broken = Path(shutil.copytree(tiny_model, tmp_path / "broken-model"))
     _truncated(tiny_model / "model.safetensors", broken / "model.safetensors")
     for args in (["inspect", str(broken)], ["generate", "--model", str(broken), "hi"]):
-        _one_line_error(run_inproc(*args), "model.safetensors", "truncated")
+        assert _one_line_error(run_inproc(*args), "model.safetensors", "truncated")
     assert not (tmp_path / "out").exists()
 
 
@@ -250,14 +250,14 @@ def test_broken_model_directories_say_which_file(tiny_model, tmp_path):
     cases = [(not_json, "config.json", "not valid JSON"), (no_tok, "no tokenizer files"),
              (unknown, "config.json", "nosuchformer"), (garbage, "not a GGUF file"), (bad_gguf, str(bad_gguf))]
     for model, *needles in cases:
-        _one_line_error(run_inproc("generate", "--model", str(model), "hi",
+        assert _one_line_error(run_inproc("generate", "--model", str(model), "hi",
                                 env={"RECHANNEL_CACHE": str(tmp_path / "cache")}), *needles)
 
 
 def test_table_on_a_results_file_of_the_wrong_shape(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"results": [1, 2]}))
-    _one_line_error(run_inproc("table", str(bad)), str(bad), "'results'")
+    assert _one_line_error(run_inproc("table", str(bad)), str(bad), "'results'")
 
 
 # --- bad input silently accepted before ---------------------------------------------------------------------
@@ -265,9 +265,9 @@ def test_table_on_a_results_file_of_the_wrong_shape(tmp_path):
 def test_a_prompt_bank_of_nan_is_refused(tiny_model, tmp_path, docs):
     nan = _bank(tmp_path / "nan.safetensors", tiny_model, torch.full((2, 3, 64), float("nan")))
     out = tmp_path / "r.json"
-    _one_line_error(run_inproc("eval", "--model", str(tiny_model), "--data", str(docs), "--kind", "ppl",
+    assert _one_line_error(run_inproc("eval", "--model", str(tiny_model), "--data", str(docs), "--kind", "ppl",
                             "--prompts", str(nan), "--route", "fixed:0", "-o", str(out)), str(nan), "non-finite")
-    _one_line_error(run_inproc("route", "--model", str(tiny_model), "-p", str(nan), "-i", str(docs)), str(nan))
+    assert _one_line_error(run_inproc("route", "--model", str(tiny_model), "-p", str(nan), "-i", str(docs)), str(nan))
     assert not out.exists()
 
 
@@ -283,15 +283,15 @@ def test_metrics_over_nan_log_likelihoods_are_not_reported():
 def test_table_options_that_select_nothing(tmp_path):
     res = tmp_path / "r.json"
     res.write_text(json.dumps({"results": {"arc_easy": {"acc,none": 0.5, "acc_stderr,none": 0.1}}}))
-    _one_line_error(run_inproc("table", str(res), "--metrics", "nosuch"), "--metrics", "nosuch")
-    _one_line_error(run_inproc("table", str(res), "--metrics", "accc"), "did you mean 'acc'")
-    _one_line_error(run_inproc("table", str(res), "--json", "--markdown"), "--json and --markdown")
+    assert _one_line_error(run_inproc("table", str(res), "--metrics", "nosuch"), "--metrics", "nosuch")
+    assert _one_line_error(run_inproc("table", str(res), "--metrics", "accc"), "did you mean 'acc'")
+    assert _one_line_error(run_inproc("table", str(res), "--json", "--markdown"), "--json and --markdown")
     assert run_inproc("table", str(res), "--metrics", "acc").returncode == 0
 
 
 def test_empty_task_list_is_an_error(tiny_model):
-    _one_line_error(run_inproc("eval", "--model", str(tiny_model), "--tasks", ""), "--tasks is empty")
-    _one_line_error(run_inproc("eval", "--model", str(tiny_model), "--tasks", ","), "--tasks is empty")
+    assert _one_line_error(run_inproc("eval", "--model", str(tiny_model), "--tasks", ""), "--tasks is empty")
+    assert _one_line_error(run_inproc("eval", "--model", str(tiny_model), "--tasks", ","), "--tasks is empty")
 
 
 def test_resume_refuses_another_runs_node_file(tiny_model, tmp_path):
@@ -303,7 +303,7 @@ def test_resume_refuses_another_runs_node_file(tiny_model, tmp_path):
     plain.write_text('{"text": "some other file"}\n')
     for nodes, needle in ((other, "written by another run"), (plain, "not a node file")):
         before = nodes.read_bytes()
-        _one_line_error(run_inproc("align", "--student", str(tiny_model), "--data", str(questions), "-o",
+        assert _one_line_error(run_inproc("align", "--student", str(tiny_model), "--data", str(questions), "-o",
                                 str(tmp_path / "s.json"), "--nodes", str(nodes), "--resume"), str(nodes), needle)
         assert nodes.read_bytes() == before
     assert not (tmp_path / "s.json").exists()
