@@ -40,6 +40,10 @@ AttentionProfile = Annotated[int, typer.Option(min=0, help="Also record, per lay
                                                        "contexts of the first example task put on their prompt "
                                                        "(or their first token without one).")]
 Output = Annotated[str | None, typer.Option("--output", "-o", help="Results JSON (lm-evaluation-harness layout).")]
+Loader = Annotated[str, typer.Option(help="rechannel (quantized layers run packed, as every rechannel command runs them) "
+                                          "or transformers (plain from_pretrained, compressed-tensors through "
+                                          "transformers' own integration: what serving elsewhere gives).",
+                                     rich_help_panel="Model")]
 
 
 def _summary(results: dict[str, Any]) -> None:
@@ -83,6 +87,7 @@ def eval_command(
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     trust_remote_code: options.TrustRemoteCode = False,
+    loader: Loader = "rechannel",
 ) -> None:
     """Evaluate a model: one JSON record per example on stdout, results to -o, a summary on stderr.
 
@@ -91,6 +96,7 @@ def eval_command(
       rechannel eval --tasks arc_easy,boolq,piqa,winogrande --limit 500 -o dense.json > samples.jsonl
       rechannel eval --model out/wanda50 --tasks wikitext2 --seqlen 2048 -o wanda50.json
       rechannel eval --data my_mc.jsonl --kind mc -o mine.json
+      rechannel eval --model out/gptq4 --loader transformers --tasks wikitext2 -o gptq4.hf.json
       jq '.results.arc_easy["acc,none"]' dense.json
 
     Multiple choice is scored by the log-likelihood of each choice after the context (acc, and acc_norm dividing by the choice's length), with the context computed once per example; templates follow lm-evaluation-harness. Perplexity is exp(mean window NLL) over non-overlapping windows of --seqlen tokens, as GPTQ, SparseGPT and Wanda compute it.
@@ -102,7 +108,7 @@ def eval_command(
     config = EvalConfig(tasks=tasks, data=data, kind=kind, data_dir=data_dir, limit=limit, windows=windows,
                         batch_size=batch_size, seqlen=seqlen, stride=stride, prompts=prompts, route=route,
                         layers=layers, adapter=adapter, attention_profile=attention_profile, output=output,
-                        model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+                        model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, loader=loader)
     with JsonlWriter(STDIO) as out, bars() as report:  # records on stdout as each task finishes
         doc = evaluate(config, report, on_record=out.write, load=options.load)
     _summary(doc["results"])

@@ -39,21 +39,28 @@ def _describe_model(path: Path) -> dict[str, Any]:
     return {"path": str(path), "kind": "model", "fingerprint": model_fingerprint(path),
             "architecture": (config.get("architectures") or [config.get("model_type")])[0],
             "config": config, "rechannel": config.get("rechannel"),
-            "parameters": _logical_parameters(tensors, config.get("quantization")),
+            "parameters": _logical_parameters(tensors, config.get("quantization"), config.get("quantization_config")),
             "bytes": sum(t["bytes"] for t in tensors), "tensors": tensors}
 
 
-def _logical_parameters(tensors: list[dict[str, Any]], quantization: dict[str, Any] | None) -> int:
+def _logical_parameters(tensors: list[dict[str, Any]], quantization: dict[str, Any] | None,
+                        compressed: dict[str, Any] | None = None) -> int:
     """The weights a model stands for: a packed layer counts its codes (bytes * 8 / bits), not the bytes
     holding them, nor its scales, zero points and group indices."""
+    if isinstance(compressed, dict) and compressed.get("config_groups"):  # compressed-tensors: int32 words
+        bits = next(iter(compressed["config_groups"].values())).get("weights", {}).get("num_bits", 32)
+        quantization, codes, extras = {"bits": bits}, ".weight_packed", (".weight_scale", ".weight_zero_point",
+                                                                          ".weight_shape", ".weight_g_idx")
+    else:
+        codes, extras = ".qweight", (".scales", ".qzeros", ".g_idx")
     if not isinstance(quantization, dict) or "bits" not in quantization:
         return sum(t["numel"] for t in tensors)
     bits = quantization["bits"]
     total = 0
     for t in tensors:
-        if t["name"].endswith(".qweight"):
-            total += t["shape"][0] * (t["shape"][1] * 8 // bits)
-        elif not t["name"].endswith((".scales", ".qzeros", ".g_idx")):
+        if t["name"].endswith(codes):  # every stored bit is a code bit (rows padded to whole words at most)
+            total += t["shape"][0] * (t["shape"][1] * t["bytes"] * 8 // max(1, t["numel"]) // bits)
+        elif not t["name"].endswith(extras):
             total += t["numel"]
     return total
 

@@ -16,13 +16,14 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allo
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout instead of a table.")]
 
 
-def load(model: str, device: str, dtype: str, trust_remote_code: bool):  # -> rechannel.ops.models.LoadedModel
-    """The model the shared options name, with the libraries' own logging tamed first."""
+def load(model: str, device: str, dtype: str, trust_remote_code: bool, loader: str = "rechannel"):
+    """The model the shared options name (a rechannel.ops.core.models.LoadedModel), with the libraries' own
+    logging tamed first."""
     from ..ops.core.models import load_model
     from .console import tame_libraries
 
     tame_libraries()
-    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, loader=loader)
 
 
 def load_teacher(spec: str, lm: Any, device: str, dtype: str, trust_remote_code: bool) -> Any:

@@ -11,6 +11,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, or they fight
+    os.environ["OMP_NUM_THREADS"] = "1"  # (inherited by the CLI subprocesses too)
 
 CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome.",
@@ -35,14 +37,16 @@ def make_tokenizer():
                                    pad_token="</s>")
 
 
-def make_tiny_llama(path: Path, seed: int = 0, layers: int = 2, hidden: int = 64, pad_vocab: int = 0) -> Path:
+def make_tiny_llama(path: Path, seed: int = 0, layers: int = 2, hidden: int = 64, pad_vocab: int = 0,
+                    intermediate: int | None = None) -> Path:
     """Save a random Llama (GQA, 2 layers) with its tokenizer in Hugging Face layout at `path`; `pad_vocab`
-    extra embedding rows past the tokenizer's tokens, as some model families pad theirs."""
+    extra embedding rows past the tokenizer's tokens, as some model families pad theirs; the MLP is
+    2 * hidden + 8 wide unless `intermediate` says otherwise."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer) + pad_vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
+    config = LlamaConfig(vocab_size=len(tokenizer) + pad_vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden + 8,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                          tie_word_embeddings=False)
@@ -86,6 +90,14 @@ def _interpret_kernels_without_gpu() -> None:
 
 
 _interpret_kernels_without_gpu()
+
+# The longest modules first, so that with one worker per core neither waits on them at the end
+FIRST = ("test_kernel_compile.py", "test_readme.py", "test_real_model.py", "test_prompt_training.py", "test_align.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the rest keep their order
 
 
 def make_docs(n: int = 40, seed: int = 0) -> list[str]:

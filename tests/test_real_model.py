@@ -65,3 +65,42 @@ def test_align_runs_on_the_real_model_with_its_chat_template(prepared, tmp_path)
         t = n["teachers"]["self+reference"]
         assert 0 < n["K"][0]["p"] <= 1 and t["kl"] >= 0 and 0 <= t["js"] <= 0.7
     assert json.loads((tmp_path / "s.json").read_text())["nodes"] == 2
+
+
+@pytest.mark.slow
+def test_compressed_tensors_of_the_real_model_load_in_transformers(prepared, tmp_path, monkeypatch):
+    """4-bit RTN, groups of 64 (SmolLM2's width 576 is not a multiple of 128, which compressed-tensors needs):
+    transformers' logits equal rechannel's, its WikiText-2 perplexity (16 windows of 512) the packed model's to
+    0.1%, and the directory is under 0.3x the fp16 size of the quantized weights plus the float tensors."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rechannel import CompressConfig, EvalConfig, compress, evaluate
+
+    cache, path = prepared
+    monkeypatch.setenv("RECHANNEL_CACHE", str(cache))
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not data.is_dir():
+        pytest.skip(f"the shared data is not at {data}")
+    reports = {fmt: compress(CompressConfig(str(tmp_path / fmt), method="rtn", bits=4, group_size=64, format=fmt,
+                                            device="cpu")) for fmt in ("compressed-tensors", "packed")}
+    ct = tmp_path / "compressed-tensors"
+    ours = models.load_model(str(ct), device="cpu", dtype="float32")
+    theirs = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32, local_files_only=True).eval()
+    ids = ours.tokenizer("The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey "
+                         "building, and the tallest structure in Paris. " * 3, return_tensors="pt").input_ids[:, :64]
+    assert ids.shape[1] == 64
+    with torch.no_grad():
+        assert (ours.model(ids).logits - theirs(ids).logits).abs().max().item() <= 1e-3
+
+    def ppl(model_dir, loader):
+        doc = evaluate(EvalConfig(tasks="wikitext2", data_dir=str(data), seqlen=512, limit=16, model=model_dir,
+                                  device="cpu", dtype="float32", loader=loader))
+        return doc["results"]["wikitext2"]["ppl,none"]
+
+    packed, transformers = ppl(str(tmp_path / "packed"), "rechannel"), ppl(str(ct), "transformers")
+    assert abs(transformers - packed) <= 1e-3 * packed, (packed, transformers)
+    totals = reports["compressed-tensors"]["totals"]
+    assert totals["quantized_bytes"] <= 0.3 * 2 * totals["quantized_parameters"]  # the rest is as in fp16

@@ -166,7 +166,9 @@ def _check_packed(packed: torch.Tensor, bits: int, cols: int) -> None:
 
 def _grid_args(scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None, group_width: int,
                cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    assert scales.dtype == torch.float16 and zeros.dtype == torch.uint8 and scales.shape == zeros.shape
+    # scales are read as float32 whatever they are stored in (rechannel writes float16, llm-compressor bfloat16)
+    assert scales.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    assert zeros.dtype == torch.uint8 and scales.shape == zeros.shape
     scales, zeros = scales.contiguous(), zeros.contiguous()
     if g_idx is not None:  # (gptq's g_idx is made on the CPU whatever the weight's device)
         assert g_idx.shape == (cols,)

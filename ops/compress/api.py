@@ -109,7 +109,8 @@ class CompressConfig:
     sym: bool = False  # quantization: symmetric grid
     act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
     static_groups: bool = False  # GPTQ with act_order: groups fixed in the original column order
-    format: str | None = None  # packed or dense; None = packed with `bits`, dense without
+    format: str | None = None  # compressed-tensors, packed or dense; None: compressed-tensors with `bits` when the
+    #                            format holds the scheme (else packed), dense without `bits`
     blocksize: int = 128  # SparseGPT and GPTQ: columns per block
     percdamp: float = 0.01  # SparseGPT and GPTQ: damping, a fraction of mean diag(H)
     batch_size: int = 1  # windows per forward batch
@@ -130,7 +131,7 @@ class _Plan:
     """What the options resolve to, all checked before the model loads."""
     prune: Any  # methods.PruneConfig
     quant: Any  # grid.QuantSpec or None
-    out_format: str  # "packed" or "dense"
+    out_format: str  # "compressed-tensors", "packed" or "dense"
 
 
 def compress(config: CompressConfig, progress: Progress = silent, load: Loader | None = None) -> dict[str, Any]:
@@ -146,6 +147,7 @@ def compress(config: CompressConfig, progress: Progress = silent, load: Loader |
                    Input("--calib", config.calib or ""), Input("--stats", config.stats or "")])
     plan = _plan(config)
     lm = _load(config, load)
+    plan = _fit_format(config, plan, lm.model)
     windows, one_shot_stats, calib_desc = _windows_and_stats(config, lm)
     if one_shot_stats is not None and not config.run_sequential:
         _check_stats(one_shot_stats, lm, plan.prune, config.stats)
@@ -180,23 +182,54 @@ def _plan(config: CompressConfig) -> _Plan:
     return _Plan(prune, quant, out_format)
 
 
+FORMATS = ["compressed-tensors", "packed", "dense"]
+
+
 def _quant_spec(config: CompressConfig) -> tuple[Any, str]:
-    """(QuantSpec or None, output format), checked."""
+    """(QuantSpec or None, output format), checked. Quantized models default to compressed-tensors (what vLLM,
+    SGLang and transformers load) and fall back to rechannel's packed format for the schemes it cannot hold."""
+    from ..core.ctformat import cannot_hold
     from ..core.errors import unknown_choice
     from .grid import QuantSpec, check_spec
 
     fmt = config.format
-    if fmt is not None and fmt not in ("packed", "dense"):
-        raise unknown_choice("format", fmt, ["packed", "dense"])
+    if fmt is not None and fmt not in FORMATS:
+        raise unknown_choice("format", fmt, FORMATS)
     if config.bits is None:
         if fmt == "packed":
             raise UserError("--format packed needs --bits: only quantized weights pack")
         if config.act_order or config.static_groups or config.sym:
             raise UserError("--sym, --act-order and --static-groups need --bits")
-        return None, "dense"
+        if fmt == "compressed-tensors":
+            raise UserError("--format compressed-tensors holds quantized weights (with --bits); compressed-tensors "
+                            ">= 0.15 stores no sparse layout, so a pruned model is written dense: plain safetensors "
+                            "every tool loads, its pattern in config.json's `rechannel` entry")
+        return None, fmt or "dense"
     spec = QuantSpec(config.bits, config.group_size, config.sym, config.act_order, config.static_groups)
     check_spec(spec)
-    return spec, fmt or "packed"
+    why = cannot_hold(spec.bits, spec.act_order, spec.static_groups)
+    if fmt == "compressed-tensors" and why:
+        raise UserError(f"--format compressed-tensors cannot hold this scheme: {why}; use --format packed")
+    return spec, fmt or ("packed" if why else "compressed-tensors")
+
+
+def _fit_format(config: CompressConfig, plan: _Plan, model: Any) -> _Plan:
+    """compressed-tensors groups must divide every quantized layer's input width (the library and vLLM's
+    kernels assume whole groups); rechannel's packed format allows a shorter last group. Checked on the loaded
+    model before any work: the default format falls back to packed, an explicit one is refused."""
+    from dataclasses import replace
+
+    if plan.out_format != "compressed-tensors" or plan.quant is None or plan.quant.group_size == -1:
+        return plan
+    width = plan.quant.group_size
+    ragged = [(n, m.in_features) for n, m in _target_layers(model, config.targets) if m.in_features % width]
+    if not ragged:
+        return plan
+    if config.format == "compressed-tensors":
+        name, cols = ragged[0]
+        raise UserError(f"--format compressed-tensors needs groups that divide every input width: {name} has {cols} "
+                        f"inputs, --group-size {width}; choose a divisor of the widths or use --format packed")
+    return replace(plan, out_format="packed")
 
 
 def _prune_config(config: CompressConfig, quant: Any) -> Any:
@@ -314,12 +347,15 @@ def _entry(config: CompressConfig, plan: _Plan, lm: Any, calib_desc: dict | None
 
 
 def _save(config: CompressConfig, plan: _Plan, lm: Any, report: Any, entry: dict[str, Any]) -> None:
-    """Write the model directory: packed codes (every rechannel command loads them) or dense weights."""
+    """Write the model directory: compressed-tensors or packed codes (every rechannel command loads both), or
+    dense weights."""
     from ..core.models import save_model
     from ..core.qlinear import save_packed
     from .protocols import write_stored_weights
 
-    if plan.out_format == "packed":
+    if plan.out_format == "compressed-tensors":
+        _save_compressed_tensors(config, plan, lm, report, entry)
+    elif plan.out_format == "packed":
         save_packed(lm.model, lm.tokenizer, report.quantized, config.output, entry,
                     {"method": config.method, **plan.quant.describe()})
     else:
@@ -327,15 +363,55 @@ def _save(config: CompressConfig, plan: _Plan, lm: Any, report: Any, entry: dict
         save_model(lm.model, lm.tokenizer, config.output, entry)
 
 
+def _save_compressed_tensors(config: CompressConfig, plan: _Plan, lm: Any, report: Any, entry: dict[str, Any]) -> None:
+    """The compressed-tensors directory: quantized layers packed by the library, the rest in 16-bit floats, the
+    sparsity of a pruned model as metadata; config.json keeps the `rechannel` entry beside `quantization_config`."""
+    from torch import nn
+
+    from ..core.ctformat import Scheme, layer_tensors, quantization_config, save_compressed
+    from ..core.qlinear import half_state
+
+    model, quant = lm.model, plan.quant
+    compressed = [n for n, _ in _target_layers(lm.model, config.targets)]  # every Linear the method touched
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    state = half_state(model, {f"{n}.weight" for n in report.quantized})
+    for name, layer in report.quantized.items():
+        state.update(layer_tensors(name, layer.quantized(), quant.sym))
+    scheme = Scheme(quant and quant.bits, quant.group_size if quant else -1, bool(quant and quant.sym),
+                    bool(quant and quant.act_order), plan.prune.sparsity, str(plan.prune.pattern))
+    model_config = model.config.to_dict()
+    model_config.update(rechannel=entry, dtype=str(next(t for t in state.values() if t.is_floating_point()).dtype)
+                        .removeprefix("torch."),
+                        quantization_config=quantization_config(scheme, compressed,
+                                                                [n for n in linears if n not in compressed]))
+    model_config.pop("quantization", None)
+    save_compressed(state, model_config, lm.tokenizer, config.output)
+
+
+def _target_layers(model: Any, targets: str) -> list[tuple[str, Any]]:
+    """(full name, Linear) of the target Linears inside the decoder blocks: what compress prunes or quantizes."""
+    from ..core.blocks import decoder_blocks
+    from .calibration import select_targets
+
+    paths = {id(m): name for name, m in model.named_modules()}
+    return [(paths[id(layer)], layer) for block in decoder_blocks(model)
+            for layer in select_targets(block, targets).values()]
+
+
 def _sizes(output: str, model: Any, report: Any) -> dict[str, Any]:
     """Bytes on disk against the fp16 size of the same weights: in total, and for the quantized layers alone
-    (packed codes, scales, zero points and group indices against their float16 weights)."""
+    (their codes, scales, zero points and group indices as written, against their float16 weights)."""
     from pathlib import Path
 
-    files = sum(f.stat().st_size for f in Path(output).glob("*.safetensors"))
+    from ..core.tensorfile import read_header
+
+    files = [read_header(f) for f in sorted(Path(output).glob("*.safetensors"))]
     params = sum(p.numel() for p in model.parameters())
     layers = sum(q.in_features * q.out_features for q in report.quantized.values())
-    packed = sum(sum(t.numel() * t.element_size() for t in q.buffers()) for q in report.quantized.values())
-    return {"bytes": files, "fp16_bytes": 2 * params, "size_ratio_fp16": round(files / (2 * params), 4),
+    prefixes = tuple(f"{n}." for n in report.quantized)
+    packed = sum(t.end - t.start for h in files for name, t in h.tensors.items()
+                 if name.startswith(prefixes) and not name.endswith(".bias"))
+    total = sum(f.stat().st_size for f in Path(output).glob("*.safetensors"))
+    return {"bytes": total, "fp16_bytes": 2 * params, "size_ratio_fp16": round(total / (2 * params), 4),
             "quantized_parameters": layers, "quantized_bytes": packed,
             "quantized_ratio_fp16": round(packed / (2 * layers), 4) if layers else None}

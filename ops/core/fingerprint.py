@@ -49,7 +49,10 @@ def model_fingerprint(model_dir: str | Path) -> str:
     model_dir = Path(model_dir)
     h = hashlib.sha256()
     config = json.loads((model_dir / "config.json").read_text())
-    h.update(json.dumps({k: config.get(k) for k in _CONFIG_KEYS}, sort_keys=True).encode())
+    keys = {k: config.get(k) for k in _CONFIG_KEYS}
+    if "quantization_config" in config:  # a compressed-tensors scheme (absent elsewhere: old fingerprints hold)
+        keys["quantization_config"] = config["quantization_config"]
+    h.update(json.dumps(keys, sort_keys=True).encode())
     for path in weight_files(model_dir):
         _hash_file(h, path)
     return h.hexdigest()[:16]

@@ -251,28 +251,28 @@ def go_offline() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+LOADERS = ["rechannel", "transformers"]
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
-               trust_remote_code: bool = False) -> LoadedModel:
-    """Load `spec` (alias, .gguf file or model directory) onto `device`, frozen and in eval mode."""
+               trust_remote_code: bool = False, loader: str = "rechannel") -> LoadedModel:
+    """Load `spec` (alias, .gguf file or model directory) onto `device`, frozen and in eval mode.
+
+    loader "rechannel" runs quantized layers (compressed-tensors or packed) as QuantLinear; "transformers" is
+    plain AutoModelForCausalLM.from_pretrained, compressed-tensors directories through transformers' own
+    integration: what a user serving the directory elsewhere gets, to compare against."""
+    if loader not in LOADERS:
+        raise unknown_choice("loader", loader, LOADERS)
     go_offline()
     path = prepare(spec)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .qlinear import load_packed, packed_entry
+    from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
     _check_architecture(path, _read_config(path, spec), trust_remote_code)
-    packed = packed_entry(path)
     try:
-        if packed is not None:
-            model = load_packed(path, packed, torch_dtype, device, trust_remote_code)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch_dtype, local_files_only=True, use_safetensors=True,
-                trust_remote_code=trust_remote_code,
-            ).to(device)
+        model = _load_weights(path, torch_dtype, device, trust_remote_code, loader)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError) as e:  # transformers' messages span lines and name no file
         raise UserError(f"{spec}: cannot load the model ({type(e).__name__}: {_first_line(e)})") from None
@@ -281,6 +281,28 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
         tokenizer.pad_token = tokenizer.eos_token
     model.rechannel_load_seconds = time.perf_counter() - t0
     return LoadedModel(model, tokenizer, path, model_fingerprint(path), spec)
+
+
+def _load_weights(path: Path, dtype: Any, device: str, trust_remote_code: bool, loader: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from .ctformat import ct_entry, load_compressed
+    from .qlinear import PACKED_FILE, load_packed, packed_entry
+
+    packed, compressed = packed_entry(path), ct_entry(path)
+    if packed is not None and loader == "transformers":
+        raise UserError(f"{path}: rechannel's packed format ({PACKED_FILE}) loads only in rechannel; "
+                        "compress with --format compressed-tensors for transformers")
+    if packed is not None:
+        return load_packed(path, packed, dtype, device, trust_remote_code)
+    if compressed is not None and loader == "rechannel":
+        return load_compressed(path, compressed, dtype, device, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if compressor is not None:  # what transformers does on the first forward; rechannel calls the decoder directly
+        compressor.decompress_model(model)
+    return model.to(device)
 
 
 def logit_width(model: Any) -> int:

@@ -31,25 +31,25 @@ class QuantLinear(nn.Module):
     and checking small models, not for saving memory)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_width: int, has_g_idx: bool,
-                 bias: bool, device: Any = None) -> None:
+                 bias: bool, scale_dtype: torch.dtype = torch.float16) -> None:
+        """Empty buffers on torch's default device: build under `with torch.device("meta"):` to allocate none."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_width = bits, group_width
         groups = -(-in_features // group_width)  # the last group may be shorter
-        kw = {"device": device}
-        self.register_buffer("qweight", torch.empty(out_features, packed_width(in_features, bits),
-                                                    dtype=torch.uint8, **kw))
-        self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16, **kw))
-        self.register_buffer("qzeros", torch.empty(out_features, groups, dtype=torch.uint8, **kw))
-        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, **kw) if has_g_idx else None)
-        self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
+        self.register_buffer("qweight", torch.empty(out_features, packed_width(in_features, bits), dtype=torch.uint8))
+        # float16 as rechannel writes them; a compressed-tensors file's own dtype (often bfloat16) is kept as is
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=scale_dtype))
+        self.register_buffer("qzeros", torch.empty(out_features, groups, dtype=torch.uint8))
+        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32) if has_g_idx else None)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self._dense: torch.Tensor | None = None  # the CPU path's de-quantized weight
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None) -> QuantLinear:
         rows, cols = qw.codes.shape
-        layer = cls(cols, rows, qw.bits, qw.group_width, qw.g_idx is not None, bias is not None,
-                    device=qw.codes.device)
+        with torch.device(qw.codes.device):
+            layer = cls(cols, rows, qw.bits, qw.group_width, qw.g_idx is not None, bias is not None, qw.scales.dtype)
         layer.qweight.copy_(pack_rows(qw.codes, qw.bits))
         layer.scales.copy_(qw.scales)
         layer.qzeros.copy_(qw.zeros)
@@ -97,14 +97,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def packed_state(model: nn.Module, quantized: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
-    """The tensors of the packed file: packed layers from `quantized`, the rest in 16-bit floats."""
+def half_state(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of `model` but those named in `skip`, floats in 16 bits (bfloat16 when the model is),
+    a tied lm_head saved once: what a quantized checkpoint stores beside its quantized layers."""
     half = torch.bfloat16 if next(model.parameters()).dtype == torch.bfloat16 else torch.float16
-    skip = {f"{n}.weight" for n in quantized}
     state = {k: v.detach().to(half).contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
              for k, v in model.state_dict().items() if k not in skip}
     for name in _untied(model, state):
         state.pop(name)
+    return state
+
+
+def packed_state(model: nn.Module, quantized: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
+    """The tensors of the packed file: packed layers from `quantized`, the rest in 16-bit floats."""
+    state = half_state(model, {f"{n}.weight" for n in quantized})
     for name, packed in quantized.items():
         for key in ("qweight", "scales", "qzeros", "g_idx"):
             t = getattr(packed, key)
@@ -159,26 +165,49 @@ def load_packed(path: Path, entry: dict[str, Any], dtype: torch.dtype, device: s
                 trust_remote_code: bool = False) -> nn.Module:
     """Build the architecture without allocating its weights, put QuantLinear modules where the file has
     packed layers, and fill everything from the packed file."""
-    from accelerate import init_empty_weights
     from safetensors.torch import load_file
+
+    model = skeleton(path, dtype, trust_remote_code)
+    filename = entry.get("file", PACKED_FILE)
+    state = load_file(str(path / filename), device=str(device))
+    for name in entry["layers"]:
+        old = model.get_submodule(name)
+        width = old.in_features if entry.get("group_size", -1) == -1 else entry["group_size"]
+        install_quant_linear(model, name, entry["bits"], width, f"{name}.g_idx" in state, state[f"{name}.scales"].dtype)
+    return fill(model, state, dtype, device, f"{path}: {filename}")
+
+
+def skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The architecture of a model directory, every weight on the meta device (nothing allocated)."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):  # rechannel reads the quantized layers itself
+        del config.quantization_config
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    state = load_file(str(path / entry.get("file", PACKED_FILE)), device=str(device))
-    for name in entry["layers"]:
-        old = model.get_submodule(name)
-        has_g_idx = f"{name}.g_idx" in state
-        width = old.in_features if entry.get("group_size", -1) == -1 else entry["group_size"]
-        _set_submodule(model, name, QuantLinear(old.in_features, old.out_features, entry["bits"], width, has_g_idx,
-                                                old.bias is not None, device="meta"))
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def install_quant_linear(model: nn.Module, name: str, bits: int, group_width: int, has_g_idx: bool,
+                         scale_dtype: torch.dtype) -> None:
+    """Replace the Linear `name` of a skeleton by an empty QuantLinear of the same shape (on meta)."""
+    old = model.get_submodule(name)
+    with torch.device("meta"):
+        layer = QuantLinear(old.in_features, old.out_features, bits, group_width, has_g_idx, old.bias is not None,
+                            scale_dtype)
+    _set_submodule(model, name, layer)
+
+
+def fill(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str, source: str) -> nn.Module:
+    """Assign `state` to a skeleton (floats cast to `dtype`, scales kept as stored) and move it to `device`;
+    a tensor too many or too few is a UserError naming `source`."""
     state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
-        raise UserError(f"{path}: unexpected tensors in {PACKED_FILE}: {', '.join(result.unexpected_keys[:5])}")
+        raise UserError(f"{source}: unexpected tensors {', '.join(result.unexpected_keys[:5])}")
     model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
-        raise UserError(f"{path}: {PACKED_FILE} lacks {', '.join(missing[:5])}")
+        raise UserError(f"{source} lacks {', '.join(missing[:5])}")
     return model.to(device)

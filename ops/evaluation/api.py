@@ -53,6 +53,7 @@ class EvalConfig:
     device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:1 ...
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16
     trust_remote_code: bool = False  # allow code shipped with the model
+    loader: str = "rechannel"  # rechannel (QuantLinear for quantized layers) or transformers (from_pretrained)
 
 
 def _ppl_stderr(ppl: float, nlls: list[float]) -> float | None:
@@ -246,7 +247,9 @@ def _load(config: EvalConfig, load: Loader | None) -> Any:
     """The model the config names, through the caller's loader (the CLI's tames the libraries' logging first)."""
     if load is None:
         from ..core.models import load_model as load
-    return load(config.model, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    loader = {} if config.loader == "rechannel" else {"loader": config.loader}  # a caller's loader may not take it
+    return load(config.model, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+                **loader)
 
 
 def _document(config: EvalConfig, plan: _Plan, lm: Any, done: dict[str, _Done], used_batch: dict[str, int],
@@ -266,7 +269,7 @@ def _document(config: EvalConfig, plan: _Plan, lm: Any, done: dict[str, _Done], 
                        "windows": config.windows if config.windows is not None else config.limit,
                        "batch_size": config.batch_size, "batch_size_used": used_batch,
                        "seqlen": config.seqlen, "stride": config.stride, "device": str(lm.model.device),
-                       "dtype": str(lm.model.dtype).removeprefix("torch."),
+                       "dtype": str(lm.model.dtype).removeprefix("torch."), "loader": config.loader,
                        "compression": getattr(lm.model.config, "rechannel", None), **extra,
                        "extra_parameters": sum(v.get("parameters", 0) for v in extra.values())}}
 
