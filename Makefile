@@ -7,7 +7,7 @@ OUT    ?= demo-out
 TORCH_CPU ?= torch==2.13.0
 export RECHANNEL_CACHE ?= $(HOME)/.cache/rechannel
 
-.PHONY: install test demo prune-table eval-table quant-table idp-table align-demo align-dense align-compressed bench bench-route bench-kernels bench-eval lint clean
+.PHONY: install test demo prune-table eval-table quant-table serve-check idp-table align-demo align-dense align-compressed bench bench-route bench-kernels bench-eval lint clean
 .SECONDARY:  # keep the pruned model directories: they are intermediate targets of the eval files
 
 install: $(VENV)/.installed
@@ -48,13 +48,14 @@ demo: install
 	@echo "== generate: greedy completion with the default model"
 	$(RC) generate "The capital of France is" --max-new-tokens 8 | tee $(OUT)/completion.jsonl
 	@$(MAKE) --no-print-directory prune-table RUNS="$(DEMO_PRUNE)"
-	@$(MAKE) --no-print-directory quant-table QUANT_BITS=4 QUANT_GROUPS=g128
+	@$(MAKE) --no-print-directory quant-table QUANT_BITS=4 QUANT_GROUPS=g64
+	@$(MAKE) --no-print-directory serve-check SERVE_RUN=gptq-4-g64
 	@$(MAKE) --no-print-directory eval-table
 	@$(MAKE) --no-print-directory idp-table IDP_MODELS=wanda-50 IDP_STEPS=$(DEMO_IDP_STEPS) IDP_BATCH=4 IDP_SEQLEN=64
 	@$(MAKE) --no-print-directory align-dense ALIGN_QUESTIONS=1 ALIGN_BUDGET=8
 
-# `make demo` runs the 50% rows (make prune-table adds 2:4), a toy-sized IDP run and one align question, to stay
-# under 20 minutes
+# `make demo` runs the 50% rows (make prune-table adds 2:4), the 4-bit group-64 quantization pair (compressed-tensors:
+# SmolLM2's width 576 is no multiple of 128), a toy-sized IDP run and one align question, to stay under 20 minutes
 DEMO_PRUNE     ?= magnitude-50 wanda-50 sparsegpt-50
 DEMO_IDP_STEPS ?= 20
 
@@ -134,9 +135,10 @@ pattern = $(if $(findstring 2of4,$*),--pattern 2:4,--sparsity 0.5)
 $(OUT)/%/config.json: $(OUT)/stats.safetensors
 	$(RC) compress --method $(method) $(pattern) $(if $(filter magnitude,$(method)),,--stats $< --sequential) --device $(DEVICE) -o $(OUT)/$* > $(OUT)/$*.report.json
 
-# Quantization: RTN and GPTQ at 8, 4, 3 and 2 bits, groups of 128 and one grid per row, packed files.
-# The same calibration windows and WikiText-2 windows as prune-table. About 35 minutes on 2 CPU cores;
-# `make demo` runs the 4-bit, group-128 pair only.
+# Quantization: RTN and GPTQ at 8, 4, 3 and 2 bits, groups of 128 and one grid per row. Written in the
+# compressed-tensors format where it holds the scheme (per row; 2, 4 and 8 bits), packed otherwise (3 bits, and
+# groups of 128 on SmolLM2, whose width 576 they do not divide). The same calibration windows and WikiText-2
+# windows as prune-table. About 35 minutes on 2 CPU cores; `make demo` runs the 4-bit, group-64 pair only.
 QUANT_BITS   ?= 8 4 3 2
 QUANT_GROUPS ?= g128 row
 QUANT_RUNS   := $(foreach m,rtn gptq,$(foreach b,$(QUANT_BITS),$(foreach g,$(QUANT_GROUPS),$(m)-$(b)-$(g))))
@@ -148,6 +150,15 @@ quant-table: install $(OUT)/dense.eval.json $(QUANT_RUNS:%=$(OUT)/%.eval.json)
 qword  = $(word $(1),$(subst -, ,$*))
 $(QUANT_RUNS:%=$(OUT)/%/config.json): $(OUT)/%/config.json: $(OUT)/stats.safetensors
 	$(RC) compress --method $(call qword,1) --bits $(call qword,2) --group-size $(if $(filter row,$(call qword,3)),-1,$(patsubst g%,%,$(call qword,3))) $(if $(filter gptq,$(call qword,1)),--stats $< --sequential) --device $(DEVICE) -o $(OUT)/$* > $(OUT)/$*.report.json
+
+# A compressed-tensors directory as a serving stack sees it: plain transformers (from_pretrained, through its
+# compressed-tensors integration) against rechannel's own loader, on the same WikiText-2 windows
+SERVE_RUN ?= gptq-4-g64
+serve-check: install $(OUT)/$(SERVE_RUN).eval.json
+	@grep -q '"quant_method": "compressed-tensors"' $(OUT)/$(SERVE_RUN)/config.json
+	$(RC) eval --model $(OUT)/$(SERVE_RUN) --loader transformers $(EVAL_ARGS) -o $(OUT)/$(SERVE_RUN).transformers.eval.json > /dev/null
+	@echo "== $(OUT)/$(SERVE_RUN) is compressed-tensors: transformers loaded it (from_pretrained); WikiText-2 perplexity through each loader"
+	$(RC) table $(OUT)/$(SERVE_RUN).eval.json $(OUT)/$(SERVE_RUN).transformers.eval.json --metrics ppl,size
 
 # align: does a teacher's distillation gradient point where the student's chance of success rises, token by token?
 # GSM8K training questions on which the student sometimes succeeds (pass-rate filter on its own 8 rollouts):

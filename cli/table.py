@@ -47,6 +47,8 @@ def _label(path: str, doc: dict[str, Any]) -> str:
         label += f" + {m} prompts by entropy"
     elif route != "none":
         label += " + 1 prompt" if m == 1 else f" + prompt {route.removeprefix('fixed:')} of {m}"
+    if config.get("loader", "rechannel") != "rechannel":
+        label += f" (loaded by {config['loader']})"
     return label
 
 

@@ -116,6 +116,11 @@ def _launch_quant(quant, bits: int, g: torch.Generator, tiles: bool) -> None:
         quant.matmul(x, quant.PackedMatrix(packed, scales, zeros, g_idx, bits, cols, width))  # act-order: g_idx
         if tiles and (dtype != torch.float32 or bits == 4):  # float32 activations: one width is enough
             _autotuned_tiles(quant, x, packed, scales, zeros, bits, cols, width)
+    if bits == 4:  # compressed-tensors files keep their scales' dtype: llm-compressor's bfloat16, rechannel's float32
+        x = torch.randn(5, cols, generator=g).to(torch.bfloat16)
+        for scale_dtype in (torch.bfloat16, torch.float32):
+            quant.dequantize(packed, scales.to(scale_dtype), zeros, None, bits, cols, width, torch.bfloat16)
+            quant.matmul(x, quant.PackedMatrix(packed, scales.to(scale_dtype), zeros, None, bits, cols, width))
     # rtn_pack's tile of rows on a GPU
     quant._rtn_pack_kernel.warmup(w, packed, scales, zeros, rows, cols, cols // width, packed.shape[1], cols,
                                   packed.shape[1], scales.shape[1], zeros.shape[1], width, BITS=bits, SYM=False,

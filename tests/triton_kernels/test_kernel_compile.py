@@ -66,6 +66,10 @@ def test_launch_variants_are_covered(compiled):
         assert {d for r in vocab for d in r["tensor_dtypes"]} >= {"float32", "float16", "bfloat16"}
         assert any(r["constants"]["HAS_G_IDX"] for r in _of(compiled, arch, "_matmul_kernel"))
         assert 4 in {r["constants"]["BLOCK_R"] for r in _of(compiled, arch, "_rtn_pack_kernel")}
+        for kernel in ("_matmul_kernel", "_dequantize_kernel"):  # scales as compressed-tensors files hold them
+            dtypes = [set(r["tensor_dtypes"]) for r in _of(compiled, arch, kernel)]
+            assert any({"bfloat16", "uint8"} <= d and "float16" not in d for d in dtypes), kernel
+            assert any({"float32", "bfloat16", "uint8"} <= d and "float16" not in d for d in dtypes), kernel
         assert {r["constants"]["F64"] for r in _of(compiled, arch, "_gptq_block_kernel")} == {False, True}
         obs = {(r["constants"]["M"], r["constants"]["BLOCK_B"]) for r in _of(compiled, arch, "_obs_block_kernel")}
         assert {(0, 128), (4, 128), (8, 256)} <= obs
