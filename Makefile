@@ -143,7 +143,7 @@ QUANT_BITS   ?= 8 4 3 2
 QUANT_GROUPS ?= g128 row
 QUANT_RUNS   := $(foreach m,rtn gptq,$(foreach b,$(QUANT_BITS),$(foreach g,$(QUANT_GROUPS),$(m)-$(b)-$(g))))
 quant-table: install $(OUT)/dense.eval.json $(QUANT_RUNS:%=$(OUT)/%.eval.json)
-	@echo "== WikiText-2 perplexity and size on disk, quantized (packed), $(SEQLEN)-token windows$(if $(PPL_LIMIT), (first $(PPL_LIMIT))), calibration $(SAMPLES) x $(SEQLEN) C4 tokens, seed 0"
+	@echo "== WikiText-2 perplexity and size on disk, quantized (compressed-tensors, or packed where it cannot hold the scheme), $(SEQLEN)-token windows$(if $(PPL_LIMIT), (first $(PPL_LIMIT))), calibration $(SAMPLES) x $(SEQLEN) C4 tokens, seed 0"
 	$(RC) table $(OUT)/dense.eval.json $(QUANT_RUNS:%=$(OUT)/%.eval.json) --metrics ppl,size
 	@$(RC) table $(OUT)/dense.eval.json $(QUANT_RUNS:%=$(OUT)/%.eval.json) --metrics ppl,size --markdown > $(OUT)/quant-table.md
 

@@ -257,3 +257,29 @@ def test_transformers_loader_refuses_the_packed_format(written):
 
     with pytest.raises(UserError, match="loads only in rechannel"):
         load_model(str(written["rtn8"][1]), device="cpu", loader="transformers")
+
+
+def test_every_command_runs_on_a_compressed_tensors_directory(written, wide_model, docs_file, tmp_path):
+    """train-prompts, route and align take the directory itself (its layers stay packed); inspect counts the
+    weights it stands for, as for the dense original."""
+    ct = str(written["gptq4-asym"][0])
+    bank = tmp_path / "bank.safetensors"
+    r = run_inproc("train-prompts", "--model", ct, "--data", str(docs_file), "--num-prompts", "2", "--prompt-len", "2",
+                   "--steps", "2", "--batch", "2", "--seqlen", "16", "--objective", "lm", "--device", "cpu",
+                   "-o", str(bank))
+    assert r.returncode == 0, r.stderr.decode()
+    r = run_inproc("route", "--model", ct, "-p", str(bank), "--device", "cpu",
+                   input=b'{"text": "the cat sat"}\n{"text": "on a mat"}\n')
+    assert r.returncode == 0, r.stderr.decode()
+    assert [json.loads(line)["route"]["prompt"] in (0, 1) for line in r.stdout.splitlines()] == [True, True]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "Say a vowel.", "answer": "a"}\n')
+    r = run_inproc("align", "--student", ct, "--teacher", str(wide_model), "--context", "none", "--data",
+                   str(questions), "--rollouts", "2", "--continuations", "2", "--candidates", "2", "--budget", "2",
+                   "--max-new-tokens", "6", "--verifier", "regex:([aeiou])", "--device", "cpu",
+                   "-o", str(tmp_path / "a.json"))
+    assert r.returncode == 0, r.stderr.decode()
+    assert any(json.loads(line)["kind"] == "node" for line in r.stdout.splitlines())
+    counts = [json.loads(run_inproc("inspect", m, "--json", "--no-tensors").stdout)["parameters"]
+              for m in (ct, str(wide_model))]
+    assert counts[0] == counts[1]
