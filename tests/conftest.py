@@ -149,3 +149,26 @@ def run_inproc(*args: str, input: bytes | None = None, env: dict | None = None) 
         for s, h in handlers.items():
             signal.signal(s, h)
     return subprocess.CompletedProcess(["rechannel", *args], code, out.getvalue(), err.getvalue())
+
+
+def check_prompts_route_align(run, model: str, teacher: str, docs_file: Path, tmp_path: Path) -> None:
+    """train-prompts, route and align take `model` (a compressed directory) as it is: a 2-prompt bank trains on
+    it, routes inputs there, and align compares it with `teacher`. `run` is run_cli or run_inproc."""
+    import json
+
+    bank = tmp_path / "bank.safetensors"
+    r = run("train-prompts", "--model", model, "--data", str(docs_file), "--num-prompts", "2", "--prompt-len", "2",
+            "--steps", "2", "--batch", "2", "--seqlen", "16", "--objective", "lm", "--device", "cpu", "-o", str(bank))
+    assert r.returncode == 0, r.stderr.decode()
+    r = run("route", "--model", model, "-p", str(bank), "--device", "cpu",
+            input=b'{"text": "the cat sat"}\n{"text": "on a mat"}\n')
+    assert r.returncode == 0, r.stderr.decode()
+    assert [json.loads(line)["route"]["prompt"] in (0, 1) for line in r.stdout.splitlines()] == [True, True]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "Say a vowel.", "answer": "a"}\n')
+    r = run("align", "--student", model, "--teacher", teacher, "--context", "none", "--data", str(questions),
+            "--rollouts", "2", "--continuations", "2", "--candidates", "2", "--budget", "2", "--max-new-tokens", "6",
+            "--verifier", "regex:([aeiou])", "--device", "cpu", "-o", str(tmp_path / "a.json"))
+    assert r.returncode == 0, r.stderr.decode()
+    nodes = [json.loads(line) for line in r.stdout.splitlines() if json.loads(line)["kind"] == "node"]
+    assert nodes and all(f"{Path(teacher).name}+none" in n["teachers"] for n in nodes)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_docs, run_cli
+from conftest import check_prompts_route_align, make_docs, run_cli
 from rechannel.ops.compress.calibration import input_groups, new_stats
 from rechannel.ops.compress.gptq import gptq
 from rechannel.ops.compress.grid import QuantSpec
@@ -250,20 +250,4 @@ def test_prompts_routing_and_align_run_on_a_packed_model(packed_and_dense, tiny_
     """train-prompts, route and align take the packed directory itself (its layers stay packed), and a
     soft prompt trained on it routes there; align compares it with its dense original as teacher."""
     out, _ = packed_and_dense
-    packed = str(out / "packed")
-    bank = tmp_path / "bank.safetensors"
-    r = run_cli("train-prompts", "--model", packed, "--data", str(docs_file), "--num-prompts", "2", "--prompt-len", "2",
-                "--steps", "2", "--batch", "2", "--seqlen", "16", "--objective", "lm", "--device", "cpu", "-o", str(bank))
-    assert r.returncode == 0, r.stderr.decode()
-    r = run_cli("route", "--model", packed, "-p", str(bank), "--device", "cpu",
-                input=b'{"text": "the cat sat"}\n{"text": "on a mat"}\n')
-    assert r.returncode == 0, r.stderr.decode()
-    assert [json.loads(line)["route"]["prompt"] in (0, 1) for line in r.stdout.splitlines()] == [True, True]
-    questions = tmp_path / "q.jsonl"
-    questions.write_text('{"question": "Say a vowel.", "answer": "a"}\n')
-    r = run_cli("align", "--student", packed, "--teacher", str(tiny_model), "--context", "none", "--data", str(questions),
-                "--rollouts", "2", "--continuations", "2", "--candidates", "2", "--budget", "2", "--max-new-tokens", "6",
-                "--verifier", "regex:([aeiou])", "--device", "cpu", "-o", str(tmp_path / "a.json"))
-    assert r.returncode == 0, r.stderr.decode()
-    nodes = [json.loads(line) for line in r.stdout.splitlines() if json.loads(line)["kind"] == "node"]
-    assert nodes and all(f"{tiny_model.name}+none" in n["teachers"] for n in nodes)
+    check_prompts_route_align(run_cli, str(out / "packed"), str(tiny_model), docs_file, tmp_path)

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import CORPUS, make_tiny_llama, make_tokenizer, run_inproc
+from conftest import CORPUS, check_prompts_route_align, make_tiny_llama, make_tokenizer, run_inproc
 from rechannel import CompressConfig, compress
 from rechannel.ops.core.models import load_model
 from rechannel.ops.core.qlinear import PACKED_FILE, QuantLinear
@@ -263,23 +263,7 @@ def test_every_command_runs_on_a_compressed_tensors_directory(written, wide_mode
     """train-prompts, route and align take the directory itself (its layers stay packed); inspect counts the
     weights it stands for, as for the dense original."""
     ct = str(written["gptq4-asym"][0])
-    bank = tmp_path / "bank.safetensors"
-    r = run_inproc("train-prompts", "--model", ct, "--data", str(docs_file), "--num-prompts", "2", "--prompt-len", "2",
-                   "--steps", "2", "--batch", "2", "--seqlen", "16", "--objective", "lm", "--device", "cpu",
-                   "-o", str(bank))
-    assert r.returncode == 0, r.stderr.decode()
-    r = run_inproc("route", "--model", ct, "-p", str(bank), "--device", "cpu",
-                   input=b'{"text": "the cat sat"}\n{"text": "on a mat"}\n')
-    assert r.returncode == 0, r.stderr.decode()
-    assert [json.loads(line)["route"]["prompt"] in (0, 1) for line in r.stdout.splitlines()] == [True, True]
-    questions = tmp_path / "q.jsonl"
-    questions.write_text('{"question": "Say a vowel.", "answer": "a"}\n')
-    r = run_inproc("align", "--student", ct, "--teacher", str(wide_model), "--context", "none", "--data",
-                   str(questions), "--rollouts", "2", "--continuations", "2", "--candidates", "2", "--budget", "2",
-                   "--max-new-tokens", "6", "--verifier", "regex:([aeiou])", "--device", "cpu",
-                   "-o", str(tmp_path / "a.json"))
-    assert r.returncode == 0, r.stderr.decode()
-    assert any(json.loads(line)["kind"] == "node" for line in r.stdout.splitlines())
+    check_prompts_route_align(run_inproc, ct, str(wide_model), docs_file, tmp_path)
     counts = [json.loads(run_inproc("inspect", m, "--json", "--no-tensors").stdout)["parameters"]
               for m in (ct, str(wide_model))]
     assert counts[0] == counts[1]
