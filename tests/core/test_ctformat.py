@@ -267,3 +267,32 @@ def test_every_command_runs_on_a_compressed_tensors_directory(written, wide_mode
     counts = [json.loads(run_inproc("inspect", m, "--json", "--no-tensors").stdout)["parameters"]
               for m in (ct, str(wide_model))]
     assert counts[0] == counts[1]
+
+
+def test_act_order_groups_of_older_compressed_tensors_still_run(written, wide_model, docs_file, tmp_path):
+    """compressed-tensors < 0.20 wrote act-order groups as `weight_g_idx` (actorder "group"); 0.20 dropped them,
+    so rechannel writes that scheme packed, but a directory from an older llm-compressor still runs here."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from safetensors.torch import load_file, save_file
+
+    packed = tmp_path / "packed"
+    compress(CompressConfig(str(packed), method="gptq", bits=4, group_size=128, act_order=True, calib=str(docs_file),
+                            samples=8, seqlen=32, model=str(wide_model), device="cpu"))
+    assert (packed / PACKED_FILE).is_file()  # the default for a scheme compressed-tensors 0.20 cannot hold
+    reference = _quant_linears(load_model(str(packed), device="cpu", dtype="float32").model)
+    old = shutil.copytree(written["gptq4-asym"][0], tmp_path / "old")
+    tensors = load_file(str(old / "model.safetensors"))
+    for name, layer in reference.items():
+        qw = layer.quantized()
+        signed = lambda t: (t.to(torch.int16) - 8).to(torch.int8)  # noqa: E731  the format's codes are signed
+        tensors.update({f"{name}.weight_packed": pack_to_int32(signed(qw.codes), 4),
+                        f"{name}.weight_zero_point": pack_to_int32(signed(qw.zeros), 4, packed_dim=0),
+                        f"{name}.weight_scale": qw.scales.float(), f"{name}.weight_g_idx": qw.g_idx})
+    save_file(tensors, str(old / "model.safetensors"))
+    config = json.loads((old / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (old / "config.json").write_text(json.dumps(config))
+    ours = _quant_linears(load_model(str(old), device="cpu", dtype="float32").model)
+    assert ours.keys() == reference.keys()
+    for name, layer in ours.items():
+        assert layer.g_idx is not None and torch.equal(layer.dequantize(), reference[name].dequantize()), name
