@@ -83,7 +83,7 @@ $(OUT)/%.tasks.json: $(OUT)/%/config.json
 
 # IDP: win back what compression cost with a bank of soft prompts routed per input, against one prompt and
 # LoRA trained on the same C4 windows (documents 500-999: none used for calibration), with the same
-# objective (kd: the dense model as teacher). CPU-sized defaults; the issue-sized run wants a GPU:
+# objective (kd: the dense model as teacher). CPU-sized defaults; the full-sized run wants a GPU:
 #   make idp-table DEVICE=cuda IDP_STEPS=300 IDP_BATCH=8 IDP_SEQLEN=256 KNOW_LIMIT=
 IDP_MODELS  ?= wanda-50 gptq-3-g128
 IDP_PROMPTS ?= 4
