@@ -23,7 +23,7 @@ GroupSize = Annotated[int, typer.Option(help="Quantization: input columns per sc
 Sym = Annotated[bool, typer.Option("--sym", help="Quantization: symmetric grid (zero point in the middle).")]
 ActOrder = Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize columns by decreasing Hessian diagonal.")]
 StaticGroups = Annotated[bool, typer.Option("--static-groups", help="GPTQ with --act-order: groups fixed in the original column order, so running the model needs no reordering.")]
-Format = Annotated[str | None, typer.Option("--format", help="compressed-tensors (the default with --bits: what vLLM, SGLang and transformers load, and rechannel), packed (rechannel's own layout; the default for what compressed-tensors cannot hold: 3-bit, act-order without --static-groups) or dense (float weights; the default without --bits, where compressed-tensors adds the sparsity metadata).", show_default=False)]
+Format = Annotated[str | None, typer.Option("--format", help="compressed-tensors (the default with --bits: what vLLM, SGLang and transformers load, and rechannel), packed (rechannel's own layout; the default for what compressed-tensors cannot hold: 3-bit, act-order without --static-groups) or dense (float weights; the default without --bits, and the only format for a pruned model without --bits).", show_default=False)]
 Blocksize = Annotated[int, typer.Option(min=1, help="SparseGPT and GPTQ: columns per block.")]
 Percdamp = Annotated[float, typer.Option(min=0.0, help="SparseGPT and GPTQ: damping, a fraction of mean diag(H).")]
 ErrorTokens = Annotated[int, typer.Option(min=1, help="Calibration tokens each layer's output error is measured on.")]
@@ -67,7 +67,7 @@ def compress_command(
       rechannel compress --method sparsegpt --pattern 2:4 --stats stats-h.safetensors -o out/sgpt24
       rechannel compress --method magnitude --sparsity 0.5 -o out/mag50 | jq .totals
       rechannel compress --method gptq --bits 4 --group-size 64 --calib c4.jsonl -o out/gptq4
-      rechannel compress --method wanda --pattern 2:4 --calib c4.jsonl --format compressed-tensors -o out/w24
+      rechannel compress --method sparsegpt --pattern 2:4 --bits 4 --group-size 64 --calib c4.jsonl -o out/sgpt24-4
       rechannel compress --method rtn --bits 8 --group-size -1 --format dense -o out/rtn8
 
     wanda, sparsegpt and gptq use the reference sequential protocol with --calib (or --stats --sequential): each block is calibrated on the outputs of the already-compressed blocks before it. --stats alone compresses one-shot from dense statistics. Embeddings and lm_head are never compressed. Quantized models are written in the compressed-tensors format (as llm-compressor writes them: vLLM, SGLang and transformers load it, and so does every rechannel command) unless it cannot hold the scheme: 3 bits, act-order without --static-groups, or groups that do not divide a layer's input width (SmolLM2's 576 with --group-size 128); those are written packed (model-packed.safetensors), which only rechannel loads.

@@ -372,18 +372,16 @@ def _save_compressed_tensors(config: CompressConfig, plan: _Plan, lm: Any, repor
     from ..core.qlinear import half_state
 
     model, quant = lm.model, plan.quant
-    compressed = [n for n, _ in _target_layers(lm.model, config.targets)]  # every Linear the method touched
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     state = half_state(model, {f"{n}.weight" for n in report.quantized})
     for name, layer in report.quantized.items():
         state.update(layer_tensors(name, layer.quantized(), quant.sym))
-    scheme = Scheme(quant and quant.bits, quant.group_size if quant else -1, bool(quant and quant.sym),
-                    bool(quant and quant.act_order), plan.prune.sparsity, str(plan.prune.pattern))
+    scheme = Scheme(quant.bits, quant.group_size, quant.sym, quant.act_order, plan.prune.sparsity,
+                    str(plan.prune.pattern))
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in report.quantized]
+    half = next(t.dtype for k, t in state.items() if t.is_floating_point() and not k.endswith(".weight_scale"))
     model_config = model.config.to_dict()
-    model_config.update(rechannel=entry, dtype=str(next(t for t in state.values() if t.is_floating_point()).dtype)
-                        .removeprefix("torch."),
-                        quantization_config=quantization_config(scheme, compressed,
-                                                                [n for n in linears if n not in compressed]))
+    model_config.update(rechannel=entry, dtype=str(half).removeprefix("torch."),
+                        quantization_config=quantization_config(scheme, ignore))
     model_config.pop("quantization", None)
     save_compressed(state, model_config, lm.tokenizer, config.output)
 

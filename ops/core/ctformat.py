@@ -74,8 +74,8 @@ def layer_tensors(name: str, qw: QuantizedWeight, sym: bool) -> dict[str, torch.
 
 @dataclass(frozen=True)
 class Scheme:
-    """What one compressed model holds, in rechannel's words: the quantization (or None) and the sparsity."""
-    bits: int | None
+    """What one quantized model holds, in rechannel's words: the grid and the sparsity pruning left."""
+    bits: int
     group_size: int  # -1: one group per output row
     sym: bool
     act_order: bool
@@ -83,23 +83,21 @@ class Scheme:
     pattern: str  # unstructured, or N:M
 
 
-def quantization_config(scheme: Scheme, quantized: list[str], ignore: list[str]) -> dict[str, Any]:
+def quantization_config(scheme: Scheme, ignore: list[str]) -> dict[str, Any]:
     """config.json's `quantization_config`, built by the library; `ignore` names the Linears left in float."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    groups = {}
-    if scheme.bits is not None:
-        args = QuantizationArgs(num_bits=scheme.bits, type="int", symmetric=scheme.sym,
-                                strategy="channel" if scheme.group_size == -1 else "group",
-                                group_size=None if scheme.group_size == -1 else scheme.group_size,
-                                actorder="weight" if scheme.act_order else None, observer="minmax")
-        groups["group_0"] = QuantizationScheme(targets=["Linear"], weights=args)
-    config = QuantizationConfig(config_groups=groups, format="pack-quantized" if groups else "dense",
-                                quantization_status="compressed", ignore=ignore).model_dump(exclude={"quant_method"})
+    args = QuantizationArgs(num_bits=scheme.bits, type="int", symmetric=scheme.sym,
+                            strategy="channel" if scheme.group_size == -1 else "group",
+                            group_size=None if scheme.group_size == -1 else scheme.group_size,
+                            actorder="weight" if scheme.act_order else None, observer="minmax")
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                                format="pack-quantized", quantization_status="compressed",
+                                ignore=ignore).model_dump(exclude={"quant_method"})
     out = {"version": compressed_tensors.__version__, "quant_method": FORMAT,
-           "sparsity_config": _sparsity_config(scheme, quantized, ignore), "transform_config": {}, **config}
-    if scheme.bits is not None and not scheme.sym:
+           "sparsity_config": _sparsity_config(scheme, ignore), "transform_config": {}, **config}
+    if not scheme.sym:
         # transformers' default load builds each layer through the library's meta-device compress, which leaves
         # the asymmetric zero point unpacked, so the packed one on disk (the format, as vLLM reads it) is refused
         # as a size mismatch; its de-quantize-at-load path unpacks it correctly, so ask transformers for that
@@ -107,7 +105,7 @@ def quantization_config(scheme: Scheme, quantized: list[str], ignore: list[str])
     return out
 
 
-def _sparsity_config(scheme: Scheme, quantized: list[str], ignore: list[str]) -> dict[str, Any]:
+def _sparsity_config(scheme: Scheme, ignore: list[str]) -> dict[str, Any]:
     """The sparsity metadata of a pruned and quantized model (the pruned weights are codes of exact zeros: the
     format's 2:4 bitmask layout is gone from the library since 0.15); empty when nothing was pruned."""
     if not scheme.sparsity:
@@ -146,8 +144,8 @@ def save_compressed(state: dict[str, torch.Tensor], config: dict[str, Any], toke
 
 
 def ct_entry(path: Path) -> dict[str, Any] | None:
-    """The `quantization_config` of a compressed-tensors directory with quantized layers, else None (a dense
-    or sparsity-only directory loads as an ordinary one)."""
+    """The `quantization_config` of a compressed-tensors directory with quantized layers, else None (one with
+    none loads as an ordinary directory)."""
     config = path / "config.json"
     if not config.is_file():
         return None
