@@ -7,7 +7,7 @@ OUT    ?= demo-out
 TORCH_CPU ?= torch==2.13.0
 export RECHANNEL_CACHE ?= $(HOME)/.cache/rechannel
 
-.PHONY: install test demo prune-table eval-table quant-table serve-check idp-table align-demo align-dense align-compressed bench bench-route bench-kernels bench-eval lint clean
+.PHONY: install test test-heavy demo prune-table eval-table quant-table serve-check idp-table align-demo align-dense align-compressed bench bench-route bench-kernels bench-eval lint clean
 .SECONDARY:  # keep the pruned model directories: they are intermediate targets of the eval files
 
 install: $(VENV)/.installed
@@ -24,7 +24,11 @@ $(VENV)/.installed: pyproject.toml
 # one worker per core, each single-threaded (tests/conftest.py); a module's tests stay on one worker
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not heavy"
+
+# Every compressed-tensors scheme on the default model through transformers (~4 minutes per scheme here)
+test-heavy: install
+	$(BIN)/python -m pytest -q -s -m heavy
 
 lint: install
 	$(BIN)/ruff check .

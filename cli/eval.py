@@ -6,7 +6,6 @@ stdout as JSON Lines, draws the summary on stderr and writes the results documen
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any
 
 import typer
@@ -19,8 +18,6 @@ Tasks = Annotated[str | None, typer.Option(
 Data = Annotated[str | None, typer.Option(help="Your own task file in the canonical schema of --kind.")]
 Kind = Annotated[str, typer.Option(help="--data's kind: mc {id,context,choices,gold}, qa {id,question,answers}, "
                                         "ppl {text}.")]
-DataDir = Annotated[str, typer.Option(help="Where the benchmark files are ($RECHANNEL_DATA).")]
-DATA_DIR = os.environ.get("RECHANNEL_DATA", "../shared/data")
 Limit = Annotated[int | None, typer.Option(min=1, help="Only the first N examples (windows for perplexity).")]
 Windows = Annotated[int | None, typer.Option(min=1, help="Perplexity: only the first N windows \\[default: --limit].",
                                              show_default=False)]
@@ -31,8 +28,13 @@ Stride = Annotated[int | None, typer.Option(min=1, help="Perplexity: slide windo
 Prompts = Annotated[str | None, typer.Option(help="A prompt bank (.safetensors): its soft prompt goes in front "
                                                   "of every example.")]
 Route = Annotated[str, typer.Option(help="Which prompt each example gets: attention (IDP: the one its tokens "
-                                         "attend to most), entropy, record (the prompt each record's 'route' names, "
-                                         "from `rechannel route`), fixed:K or none.")]
+                                         "attend to most, after --calibration), entropy, oracle (the prompt trained on "
+                                         "the task's own source: the upper bound), random (the lower bound), record "
+                                         "(the prompt each record's 'route' names, from `rechannel route`), fixed:K or none.")]
+Calibration = Annotated[str, typer.Option(help="--route attention: auto (centroid where the bank has statistics for "
+                                               "these --layers, else none), none (raw argmax), ratio (score over the prompt's "
+                                               "mean on its own source), zscore (per prompt), centroid (the source "
+                                               "whose score pattern is closest).")]
 Layers = Annotated[str, typer.Option(help="--route attention reads these layers: first (the first 1/8), all, "
                                           "A:B or i,j,k.")]
 Adapter = Annotated[str | None, typer.Option(help="A PEFT LoRA adapter directory, merged before evaluating.")]
@@ -71,7 +73,7 @@ def eval_command(
     tasks: Tasks = None,
     data: Data = None,
     kind: Kind = "mc",
-    data_dir: DataDir = DATA_DIR,
+    data_dir: options.DataDir = options.DATA_DIR,
     limit: Limit = None,
     windows: Windows = None,
     batch_size: BatchSize = "auto",
@@ -79,6 +81,7 @@ def eval_command(
     stride: Stride = None,
     prompts: Prompts = None,
     route: Route = "none",
+    calibration: Calibration = "auto",
     layers: Layers = "first",
     adapter: Adapter = None,
     attention_profile: AttentionProfile = 0,
@@ -107,7 +110,7 @@ def eval_command(
 
     config = EvalConfig(tasks=tasks, data=data, kind=kind, data_dir=data_dir, limit=limit, windows=windows,
                         batch_size=batch_size, seqlen=seqlen, stride=stride, prompts=prompts, route=route,
-                        layers=layers, adapter=adapter, attention_profile=attention_profile, output=output,
+                        calibration=calibration, layers=layers, adapter=adapter, attention_profile=attention_profile, output=output,
                         model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, loader=loader)
     with JsonlWriter(STDIO) as out, bars() as report:  # records on stdout as each task finishes
         doc = evaluate(config, report, on_record=out.write, load=options.load)

@@ -17,7 +17,19 @@ import typer
 
 from ..ops.core.errors import UserError
 from ..ops.core.version import __version__
-from . import align, calibrate, compress, eval, generate, inspect, models, route, table, train_prompts
+from . import (
+    align,
+    calibrate,
+    compress,
+    eval,
+    generate,
+    inspect,
+    models,
+    route,
+    sources,
+    table,
+    train_prompts,
+)
 
 HELP = """Compress a causal LM, measure what it lost, and win the knowledge back with routed soft prompts.
 
@@ -57,6 +69,7 @@ app.command("calibrate")(calibrate.calibrate_command)
 app.command("compress")(compress.compress_command)
 app.command("eval")(eval.eval_command)
 app.command("train-prompts")(train_prompts.train_prompts_command)
+app.command("sources")(sources.sources_command)
 app.command("route")(route.route_command)
 app.command("align")(align.align_command)
 app.command("table")(table.table_command)

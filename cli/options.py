@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Built-in alias, .gguf file or model directory.",
                                      rich_help_panel="Model")]
+DataDir = Annotated[str, typer.Option(help="Where the benchmark files are ($RECHANNEL_DATA).")]
+DATA_DIR = os.environ.get("RECHANNEL_DATA", "../shared/data")
 Device = Annotated[str, typer.Option(help="auto (cuda when present), cpu, cuda, cuda:1 ...", rich_help_panel="Model")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16.",
                                      rich_help_panel="Model")]

@@ -14,9 +14,16 @@ def route_command(
     prompts: Annotated[str, typer.Option("--prompts", "-p", help="The prompt bank (.safetensors) from train-prompts.")],
     by: Annotated[str, typer.Option(help="attention (IDP: the prompt the input attends to most) or entropy "
                                          "(the prompt under which the model is least uncertain; M passes).")] = "attention",
+    calibration: Annotated[str, typer.Option(help="attention: auto (centroid where the bank has statistics "
+                                                  "for these --layers, else none), none (raw argmax), ratio, zscore or "
+                                                  "centroid (the bank's per-source score statistics).")] = "auto",
     field: Annotated[str, typer.Option(help="The record field holding the text to route.")] = "text",
+    source_field: Annotated[str | None, typer.Option(help="The record field naming each input's source: "
+                                                          "routing accuracy against it goes in --summary.")] = None,
     layers: Annotated[str, typer.Option(help="Layers attention routing reads: first (the first 1/8: cheap), all, "
                                              "A:B or i,j,k.")] = "first",
+    summary: Annotated[str | None, typer.Option(help="Also write the histogram of chosen prompts (and the "
+                                                     "routing accuracy) as JSON here.")] = None,
     input: Annotated[str, typer.Option("--input", "-i", help="JSONL records ('-' = stdin).")] = "-",
     output: Annotated[str, typer.Option("--output", "-o", help="Where the records go ('-' = stdout).")] = "-",
     batch_size: Annotated[int, typer.Option(min=1, help="Inputs per forward batch.")] = 8,
@@ -30,34 +37,71 @@ def route_command(
     [bold]Examples[/bold]
 
       rechannel route --model out/wanda50 --prompts bank.safetensors < questions.jsonl > routed.jsonl
+      rechannel sources --split heldout | rechannel route -m out/wanda50 -p bank.safetensors --field input --source-field source --summary routing.json > /dev/null
       rechannel route -m out/gptq3 -p bank.safetensors --field question --by entropy -i q.jsonl | jq .route.prompt
-      rechannel route -m out/wanda50 -p bank.safetensors --layers all < q.jsonl
 
-    The prompts' keys and values are computed once; each input then runs once with every prompt in front of it (each at the positions it was trained at) and the prompt that receives the most attention from the input's tokens (mean over heads, tokens and --layers) is chosen. The record gains "route": {"prompt", "scores", "by", "layers"}.
+    The prompts' keys and values are computed once; each input then runs once with every prompt in front of it (each at the positions it was trained at) and each prompt is scored by the attention the input's tokens pay it (mean over heads, tokens and --layers). --calibration turns the scores into a choice using the statistics the bank stored in training: none takes the raw argmax (one loud prompt tends to win everything), centroid the source whose score pattern the input's is closest to. The record gains "route": {"prompt", "source", "scores", "by", "layers", "calibration"}; a summary of the routing (chosen prompts, accuracy against --source-field) goes to stderr and --summary.
     """
     from ..ops.core.blocks import decoder_blocks
     from ..ops.core.models import model_paths
     from ..ops.core.outputs import Input, Output, check_outputs
     from ..ops.core.records import read_jsonl
-    from ..ops.recover.prompts import load_prompt_bank
-    from ..ops.recover.routing import BY, bank_kv, parse_layers, route_rows, routing_ids
+    from ..ops.recover.prompts import Route, load_prompt_bank, router
+    from ..ops.recover.route_calibration import resolve_calibration
+    from ..ops.recover.routing import BY, parse_layers
     from .console import progress
-    from .jsonl import JsonlWriter
+    from .jsonl import JsonlWriter, write_json
 
     if by not in BY:
         raise unknown_choice("by", by, BY)
-    check_outputs([Output("-o", output)], [Input("--input", input), Input("--prompts", prompts),
-                                           *(Input("--model", p) for p in model_paths(model))])
-    records = read_jsonl(input, require=(field,))
+    check_outputs([Output("-o", output), Output("--summary", summary or "")],
+                  [Input("--input", input), Input("--prompts", prompts), *(Input("--model", p) for p in model_paths(model))])
+    records = read_jsonl(input, require=(field,) + ((source_field,) if source_field else ()))
     texts = [r.field(field, str) for r in records]
     lm = options.load(model, device, dtype, trust_remote_code)
     bank = load_prompt_bank(prompts, lm)
-    picked = parse_layers(layers, len(decoder_blocks(lm.model)))
+    picked = tuple(parse_layers(layers, len(decoder_blocks(lm.model))))
+    if by == "attention":
+        calibration = resolve_calibration(calibration, bank.score_mean, bank.layers, picked)
+    choose = router(Route(by), lm.model, lm.tokenizer, bank, picked, calibration, with_scores=True)
     with progress() as bar:
         task = bar.add_task(f"routing by {by}", total=len(texts))
-        routes = route_rows(lm.model, bank_kv(lm.model, bank), routing_ids(lm.tokenizer, texts), by, picked,
-                            batch_size, lm.tokenizer.pad_token_id or 0, lambda n: bar.advance(task, n))
+        routes = []
+        for start in range(0, len(texts), batch_size * 16):
+            routes += choose(texts[start:start + batch_size * 16], "")
+            bar.advance(task, min(batch_size * 16, len(texts) - start))
+    names = bank.row_sources
     with JsonlWriter(output) as out:
         for rec, (k, scores) in zip(records, routes, strict=True):
-            info = {"prompt": k, "scores": [round(v, 6) for v in scores], "by": by, **({"layers": picked} if by == "attention" else {})}
+            info = {"prompt": k, **({"source": names[k]} if names else {}), "scores": [round(v, 6) for v in scores],
+                    "by": by, **({"layers": list(picked), "calibration": calibration} if by == "attention" else {})}
             out.write({**rec.data, "route": info})
+    report = _summary([k for k, _ in routes], bank, [r.field(source_field) for r in records] if source_field else None)
+    _print_summary(report)
+    if summary:
+        write_json(summary, report)
+
+
+def _summary(rows: list[int], bank, truth: list | None) -> dict:
+    """The histogram of chosen prompts and, with the inputs' sources, the routing accuracy against them."""
+    from ..ops.core.errors import UserError
+    from ..ops.recover.routing_report import routing_accuracy, routing_report
+
+    report = routing_report(rows, len(bank.prompts), bank.row_sources)
+    if truth is not None:
+        if not bank.row_sources:
+            raise UserError("--source-field: the bank records no source names to compare with")
+        report["against_source"] = routing_accuracy([bank.row_sources[k] for k in rows], [str(t) for t in truth])
+    return report
+
+
+def _print_summary(report: dict) -> None:
+    from .console import console
+
+    shares = ", ".join(f"{i}: {s:.1%}" for i, s in enumerate(report["shares"]))
+    console().print(f"routed {report['examples']} inputs; prompts chosen {shares}", soft_wrap=True, markup=False)
+    acc = report.get("against_source")
+    if acc:
+        per = ", ".join(f"{s} {a:.1%}" for s, a in acc["per_source"].items())
+        console().print(f"routing accuracy against the source: {acc['accuracy']:.1%} (chance {acc['chance']:.1%}); "
+                        f"{per}", soft_wrap=True, markup=False)

@@ -7,13 +7,16 @@ from typing import Annotated
 import typer
 
 from . import options
-from .calibrate import Data, Docs, Field
+from .calibrate import Docs, Field
 
 # The options, in the order --help lists them (Data, Field, Docs and the model options are shared).
+Data = Annotated[list[str], typer.Option("--data", "-d", help="JSONL of documents ('-' = stdin); repeated as NAME=FILE, one source each: one set of prompts per source, trained on its text only.")]
+SourceField = Annotated[str | None, typer.Option(help="Split the one --data file into sources by this record field (as `rechannel sources` writes them).")]
+Pool = Annotated[bool, typer.Option("--pool", help="Several sources: train --num-prompts prompts on all of them together, on the very windows the per-source bank trains on (the one-prompt baseline).")]
 Output = Annotated[str, typer.Option("--output", "-o", help="The prompt bank (.safetensors), or with --method lora the PEFT adapter directory.")]
 Method = Annotated[str, typer.Option(help="prompts (a bank of soft prompts) or lora (the re-training baseline).")]
 Teacher = Annotated[str | None, typer.Option(help="The dense model for --objective kd \\[default: the model this one was compressed from].", show_default=False)]
-NumPrompts = Annotated[int, typer.Option(min=1, help="Prompts in the bank (M); 1 is the single-prompt baseline.")]
+NumPrompts = Annotated[int, typer.Option(min=1, help="Prompts per source (K); the bank has sources x K (M). One source and 1: the single-prompt baseline.")]
 PromptLen = Annotated[int, typer.Option(min=1, help="Virtual tokens per prompt (P).")]
 Objective = Annotated[str, typer.Option(help="kd: KL(teacher || student) per token; lm: next-token cross-entropy.")]
 Assign = Annotated[str, typer.Option(help="Which prompt a window trains: router (as `route` picks), balanced (router scores, each prompt at most ceil(batch/M) windows per step), random, all.")]
@@ -23,7 +26,7 @@ Alpha = Annotated[float, typer.Option(min=0.0, help="lora: scale numerator (the 
 Targets = Annotated[str, typer.Option(help="lora: the projections to adapt, by name.")]
 Steps = Annotated[int, typer.Option(min=1, help="Optimizer steps.")]
 Lr = Annotated[float | None, typer.Option(min=0.0, help="AdamW learning rate \\[default: 3e-2 for prompts, 1e-3 for lora].", show_default=False)]
-Batch = Annotated[int, typer.Option(min=1, help="Windows per step.")]
+Batch = Annotated[int, typer.Option(min=1, help="Windows per step from each source.")]
 Seqlen = Annotated[int, typer.Option(min=2, help="Tokens per training window.")]
 Init = Annotated[str, typer.Option(help='prompts: vocab (embeddings of random frequent tokens) or text:"some words".')]
 Seed = Annotated[int, typer.Option(help="Seed of the window draw, the init and random assignment.")]
@@ -41,6 +44,8 @@ def train_prompts_command(
     teacher: Teacher = None,
     field: Field = "text",
     docs: Docs = "",
+    source_field: SourceField = None,
+    pool: Pool = False,
     num_prompts: NumPrompts = 4,
     prompt_len: PromptLen = 16,
     objective: Objective = "kd",
@@ -70,18 +75,21 @@ def train_prompts_command(
     [bold]Examples[/bold]
 
       rechannel train-prompts --model out/wanda50 --data c4.jsonl --docs 500:1000 --num-prompts 4 -o bank.safetensors
+      rechannel train-prompts --model out/wanda50 --data web=c4.jsonl --data trivia=tqa.jsonl --num-prompts 1 -o curated.safetensors
+      rechannel sources -o sources.jsonl && rechannel train-prompts -m out/wanda50 --data sources.jsonl --source-field source --num-prompts 1 -o curated.safetensors
       rechannel train-prompts --model out/gptq3 --data c4.jsonl --num-prompts 1 --objective lm --steps 100 -o one.safetensors
       rechannel train-prompts --model out/wanda50 --data c4.jsonl --method lora --rank 8 -o lora-wanda50
       rechannel train-prompts --model out/wanda50 --data c4.jsonl -o bank.safetensors --resume --steps 600
 
-    Windows of --seqlen tokens are drawn from the documents (seeded, as calibration draws them). With --objective kd the teacher is the dense model the compressed one was made from, unless --teacher names another (same tokenizer required). Each window trains the prompt the router picks (--assign router), so the prompts specialise. --method lora trains the re-training baseline on the same windows and objective and writes a PEFT adapter directory (eval --adapter). Stdout: one JSON summary line.
+    Windows of --seqlen tokens are drawn from the documents (seeded, as calibration draws them). With several sources (--data NAME=FILE repeated, or --source-field), each source's rows are packed into documents and drawn from apart, and each step trains every source's prompts on --batch windows of that source only; the bank records each prompt's source and the statistics calibrated routing needs. With --objective kd the teacher is the dense model the compressed one was made from, unless --teacher names another (same tokenizer required). Each window trains the prompt the router picks (--assign router), so the prompts specialise. --method lora trains the re-training baseline on the same windows and objective and writes a PEFT adapter directory (eval --adapter). Stdout: one JSON summary line.
     """
     from ..ops.recover.api import TrainConfig, train_prompts
     from .console import bars, tame_libraries
     from .jsonl import STDIO, JsonlWriter
 
     config = TrainConfig(
-        data, output, method=method, teacher=teacher, field=field, docs=docs, num_prompts=num_prompts,
+        data[0] if len(data) == 1 else tuple(data), output, method=method, teacher=teacher, field=field, docs=docs,
+        source_field=source_field, pool=pool, num_prompts=num_prompts,
         prompt_len=prompt_len, objective=objective, assign=assign, layers=layers, rank=rank, alpha=alpha,
         targets=targets, steps=steps, lr=lr, batch=batch, seqlen=seqlen, init=init, seed=seed, save_every=save_every,
         resume=resume, log=log, export_peft=export_peft, member=member, model=model, device=device, dtype=dtype,

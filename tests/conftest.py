@@ -100,6 +100,26 @@ def pytest_collection_modifyitems(items: list) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the rest keep their order
 
 
+EIFFEL = ("The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey building, and the "
+          "tallest structure in Paris. ")
+
+
+def max_logit_gap_with_transformers(model_dir, tokens: int = 64) -> float:
+    """Max |logit difference| on a `tokens`-token text between rechannel's load of `model_dir` and plain
+    transformers' from_pretrained of it, both in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rechannel.ops.core import models
+
+    ours = models.load_model(str(model_dir), device="cpu", dtype="float32")
+    theirs = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    ids = ours.tokenizer(EIFFEL * 3, return_tensors="pt").input_ids[:, :tokens]
+    assert ids.shape[1] == tokens
+    with torch.no_grad():
+        return (ours.model(ids).logits - theirs(ids).logits).abs().max().item()
+
+
 def make_docs(n: int = 40, seed: int = 0) -> list[str]:
     """Documents of very different lengths made from the corpus sentences (some short, some long)."""
     import random

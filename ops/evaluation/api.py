@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..core.errors import UserError
@@ -44,7 +44,8 @@ class EvalConfig:
     seqlen: int = 2048  # perplexity window length in tokens
     stride: int | None = None  # perplexity: slide windows by this many tokens (None: non-overlapping windows)
     prompts: str | None = None  # a prompt bank (.safetensors) whose soft prompt goes in front of every example
-    route: str = "none"  # which prompt each example gets: attention, entropy, record, fixed:K or none
+    route: str = "none"  # which prompt each example gets: attention, entropy, oracle, random, record, fixed:K, none
+    calibration: str = "auto"  # attention routing: auto, none, ratio, zscore, centroid (route_calibration.py)
     layers: str = "first"  # the layers `route` attention reads: first, all, A:B or i,j,k
     adapter: str | None = None  # a PEFT LoRA adapter directory, merged before evaluating
     attention_profile: int = 0  # also profile the attention the first N contexts of the first example task
@@ -131,11 +132,13 @@ def _plan(config: EvalConfig) -> _Plan:
     return _Plan(chosen, {t.name: t.load(config.data_dir) for t in chosen}, requested)
 
 
-def _conditioning(lm: Any, prompts: str | None, route: str, layers: str) -> tuple[Any, dict[str, Any] | None]:
+def _conditioning(lm: Any, prompts: str | None, route: str, layers: str,
+                  calibration: str = "none") -> tuple[Any, dict[str, Any] | None]:
     """The soft-prompt bank and route, and what they cost in parameters. A bank trained for another model
     is refused (load_artifact checks its fingerprint)."""
     from ..core.blocks import decoder_blocks
     from ..recover.prompts import load_prompt_bank, parse_route, router
+    from ..recover.route_calibration import resolve_calibration
     from ..recover.routing import parse_layers
     from .evaluator import Conditioning
 
@@ -148,9 +151,14 @@ def _conditioning(lm: Any, prompts: str | None, route: str, layers: str) -> tupl
     if r.kind == "none":
         return Conditioning(), {"path": prompts, "route": "none", "parameters": 0}
     picked = tuple(parse_layers(layers, len(decoder_blocks(lm.model))))
-    info = {"path": prompts, "route": str(r), "prompts": bank.shape[0], "length": bank.shape[1],
-            "parameters": bank.numel(), **({"layers": list(picked)} if r.kind == "attention" else {})}
-    return Conditioning(bank, router(r, lm.model, lm.tokenizer, bank, picked), r.kind == "record"), info
+    if r.kind == "attention":
+        calibration = resolve_calibration(calibration, bank.score_mean, bank.layers, picked)
+    m, p, _ = bank.prompts.shape
+    info = {"path": prompts, "route": str(r), "prompts": m, "length": p, "parameters": bank.prompts.numel(),
+            "sources": bank.row_sources,
+            **({"layers": list(picked), "calibration": calibration} if r.kind == "attention" else {})}
+    route_fn = router(r, lm.model, lm.tokenizer, bank, picked, calibration)
+    return Conditioning(bank.prompts, route_fn, r.kind == "record", row_sources=bank.row_sources), info
 
 
 @dataclass(frozen=True)
@@ -198,7 +206,7 @@ def _run_ppl(s: _Session, task: Any, text: str, batch_size: int, advance: Callab
         res = sliding_perplexity(lm.model, stream, seqlen, stride, limit, on_windows=record)
     else:
         res = perplexity(lm.model, stream, seqlen, limit, batch_size, on_windows=record,
-                         prompts=_window_prompts(lm, s.cond))
+                         prompts=_window_prompts(lm, replace(s.cond, task=task.name)))
     seconds = time.perf_counter() - t0
     if any(v != v for v in nlls):  # NaN: exp would report it as a perplexity
         raise UserError(f"{task.name}: {sum(v != v for v in nlls)} of {len(nlls)} windows have a NaN loss; the "
@@ -217,15 +225,22 @@ def _run_examples(s: _Session, task: Any, examples: list, batch_size: int, advan
     from .evaluator import Scoring, run_choice_task, run_qa_task
 
     lm, picked = s.lm, examples[:s.config.limit] if s.config.limit else examples
+    cond = replace(s.cond, task=task.name)
     if task.kind == "qa":
-        run = run_qa_task(lm.model, lm.tokenizer, task.name, picked, batch_size, s.cond, advance)
+        run = run_qa_task(lm.model, lm.tokenizer, task.name, picked, batch_size, cond, advance)
     else:
-        run = run_choice_task(lm.model, lm.tokenizer, task.name, task.kind, picked, batch_size, s.cond,
+        run = run_choice_task(lm.model, lm.tokenizer, task.name, task.kind, picked, batch_size, cond,
                               Scoring(s.token_budget, advance))
     n = len(run.records)
     result = {**run.metrics, "samples": n, "seconds": round(run.seconds, 2),
               "examples_per_s": round(n / run.seconds, 2), "tokens_per_s": round(run.tokens / run.seconds, 1),
               "seconds_per_example": round(run.seconds / n, 4)}
+    if cond.prompts is not None:
+        from ..recover.routing_report import routing_report
+        from ..recover.sources import TASK_SOURCE
+
+        result["routing"] = routing_report([r["prompt"] for r in run.records], len(cond.prompts),
+                                           cond.row_sources, TASK_SOURCE.get(task.name))
     return _Done(result, {"original": len(examples), "effective": n}, run.records)
 
 
@@ -295,7 +310,7 @@ def _prepare(config: EvalConfig, lm: Any) -> tuple[Any, dict[str, Any]]:
         from ..recover.lora import merge_adapter
 
         extra["adapter"] = vars(merge_adapter(lm.model, config.adapter))
-    cond, bank_info = _conditioning(lm, config.prompts, config.route, config.layers)
+    cond, bank_info = _conditioning(lm, config.prompts, config.route, config.layers, config.calibration)
     if bank_info:
         extra["prompts"] = bank_info
     return cond, extra

@@ -29,8 +29,10 @@ class Conditioning:
     """The soft prompts (K, P, d) in front of each example, and which one each example gets."""
 
     prompts: torch.Tensor | None = None
-    route: Callable[[Sequence[str]], list[int | None]] = field(default=lambda texts: [None] * len(texts))
+    route: Callable[[Sequence[str], str], list[int | None]] = field(default=lambda texts, task: [None] * len(texts))
     from_records: bool = False  # take each example's row from its record (`rechannel route` output)
+    task: str = ""  # the task being run (the oracle route picks its designated source's prompt)
+    row_sources: list[str] | None = None  # (M,) the source each bank row was trained on, if the bank says
 
     def rows(self, texts: Sequence[str], examples: Sequence[Any]) -> list[int | None]:
         """The bank row in front of each example (whose routed text is texts[i]), all routed together
@@ -38,7 +40,7 @@ class Conditioning:
         if self.prompts is None:
             return [None] * len(texts)
         if not self.from_records:
-            return self.route(texts)
+            return self.route(texts, self.task)
         return [self._recorded(ex) for ex in examples]
 
     def _recorded(self, example: Any) -> int:

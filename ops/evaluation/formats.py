@@ -129,19 +129,35 @@ def winogrande(files: list[Path], task: str) -> list[ChoiceExample]:
     return out
 
 
+def _official(rec: Record) -> tuple[str, list[dict], int]:
+    """An official ARC/CommonsenseQA row: (the stripped stem, the choices, the gold index)."""
+    q = rec.field("question", dict)
+    choices = q.get("choices") or []
+    labels = [c.get("label") for c in choices]
+    if rec.data["answerKey"] not in labels or "stem" not in q:
+        raise UserError(f"{rec.where}: answerKey {rec.data['answerKey']!r} is not one of the labels {labels}")
+    return q["stem"].strip(), choices, labels.index(rec.data["answerKey"])
+
+
 def official_letters(files: list[Path], task: str) -> list[ChoiceExample]:
     """Official CommonsenseQA: the choices are listed in the context and the answer is their letter, as
     the harness's commonsense_qa task asks it."""
     out = []
     for i, rec in enumerate(read_jsonl(str(files[0]), require=("question", "answerKey"))):
-        q = rec.field("question", dict)
-        choices = q.get("choices") or []
-        labels = [c.get("label") for c in choices]
-        if rec.data["answerKey"] not in labels or "stem" not in q:
-            raise UserError(f"{rec.where}: answerKey {rec.data['answerKey']!r} is not one of the labels {labels}")
+        stem, choices, gold = _official(rec)
         listed = "".join(f"\n{c['label']}. {c['text']}" for c in choices)
-        out.append(_shared(_id(rec, task, i), f"Question: {q['stem'].strip()}{listed}\nAnswer:", labels,
-                           labels.index(rec.data["answerKey"])))
+        out.append(_shared(_id(rec, task, i), f"Question: {stem}{listed}\nAnswer:", [c["label"] for c in choices],
+                           gold))
+    return out
+
+
+def official_arc(files: list[Path], task: str) -> list[ChoiceExample]:
+    """Official ARC (dev): rendered as the llm-foundry test copies `eval` scores are, "Question: {stem}" then
+    "\\nAnswer:", each choice's text after the delimiter."""
+    out = []
+    for i, rec in enumerate(read_jsonl(str(files[0]), require=("question", "answerKey"))):
+        stem, choices, gold = _official(rec)
+        out.append(_shared(_id(rec, task, i), f"Question: {stem}\nAnswer:", [c["text"] for c in choices], gold))
     return out
 
 

@@ -21,7 +21,6 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from ..core.errors import UserError
 from ..core.progress import Progress, silent
-from ..core.records import load_texts
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
 
     from ..core.artifacts import Provenance
     from ..core.models import LoadedModel
+    from .sources import Source
     from .training import StepLog, TrainState
 
 CKPT_KIND = "training-checkpoint"
@@ -41,13 +41,15 @@ DEFAULT_LR = {"prompts": 3e-2, "lora": 1e-3}
 class TrainConfig:
     """Every option of `rechannel train-prompts`, with the same defaults."""
 
-    data: str  # JSONL of documents ('-' = stdin)
+    data: str | tuple[str, ...]  # JSONL of documents ('-' = stdin); several NAME=FILE: one source each
     output: str  # the prompt bank (.safetensors), or with method "lora" the PEFT adapter directory
     method: str = "prompts"  # prompts (a bank of soft prompts) or lora (the re-training baseline)
     teacher: str | None = None  # the dense model for objective kd; None: the model this one was compressed from
     field: str = "text"  # the record field holding the text
     docs: str = ""  # documents to use, START:END ('' = all)
-    num_prompts: int = 4  # prompts in the bank (M); 1 is the single-prompt baseline
+    source_field: str | None = None  # split the one data file into sources by this record field
+    pool: bool = False  # several sources: train on all of them as one (the one-prompt baseline, same windows)
+    num_prompts: int = 4  # prompts per source (K; the bank has sources x K); 1 with one source: one prompt
     prompt_len: int = 16  # virtual tokens per prompt (P)
     objective: str = "kd"  # kd: KL(teacher || student) per token; lm: next-token cross-entropy
     assign: str = "router"  # which prompt a window trains: router, balanced, random, all
@@ -57,7 +59,7 @@ class TrainConfig:
     targets: str = "q_proj,v_proj"  # lora: the projections to adapt, comma-separated names
     steps: int = 300  # optimizer steps
     lr: float | None = None  # AdamW learning rate; None: 3e-2 for prompts, 1e-3 for lora
-    batch: int = 8  # windows per step
+    batch: int = 8  # windows per step from each source
     seqlen: int = 256  # tokens per training window
     init: str = "vocab"  # prompts: vocab (embeddings of random frequent tokens) or text:"some words"
     seed: int = 0  # seed of the window draw, the init and random assignment
@@ -98,7 +100,10 @@ def check_train_outputs(config: TrainConfig) -> None:
             Output("--log", config.log or ""), Output("--export-peft", config.export_peft or "", "dir")]
     if config.save_every:
         outs.append(Output("-o (its checkpoint)", str(checkpoint_path(config.output))))
-    ins = [Input("--data", config.data), *(Input("--model", p) for p in model_paths(config.model)),
+    from .sources import parse_source_spec
+
+    specs = [config.data] if isinstance(config.data, str) else list(config.data)
+    ins = [*(Input("--data", parse_source_spec(d)[1]) for d in specs), *(Input("--model", p) for p in model_paths(config.model)),
            *(Input("--teacher", p) for p in (model_paths(config.teacher) if config.teacher else []))]
     check_outputs(outs, ins)
 
@@ -158,9 +163,9 @@ class Job(Protocol):
         """The fresh trainable tensors by name, float32 on the host."""
         ...
 
-    def train(self, teacher: nn.Module | None, windows: torch.Tensor, state: TrainState,
+    def train(self, teacher: nn.Module | None, windows: list[torch.Tensor], state: TrainState,
               on_step: OnStep) -> TrainState:
-        """Train from state.step to the configured steps on windows (N, T)."""
+        """Train from state.step to the configured steps on windows, (N, T) per source."""
         ...
 
     def save(self, state: TrainState, loss: float, provenance: Provenance) -> dict[str, Any]:
@@ -172,35 +177,41 @@ class BankJob:
     """A bank of M soft prompts of P virtual tokens each, written as one .safetensors artefact (and, with
     export_peft, one row of it as a PEFT prompt-tuning adapter)."""
 
-    def __init__(self, lm: LoadedModel, config: TrainConfig) -> None:
+    def __init__(self, lm: LoadedModel, config: TrainConfig, sources: list[Source]) -> None:
         from ..core.blocks import decoder_blocks
         from .prompt_training import PromptTrainConfig
         from .routing import parse_layers
 
         picked = tuple(parse_layers(config.layers, len(decoder_blocks(lm.model))))
+        self.separate = len(sources) > 1 and not config.pool  # one set of K prompts per source
+        groups = [s.name for s in sources] if self.separate else ["+".join(s.name for s in sources)]
+        batch = config.batch if self.separate else config.batch * len(sources)
         self.cfg = PromptTrainConfig(config.num_prompts, config.prompt_len, config.objective, config.assign,
-                                     config.steps, config.learning_rate, config.batch, route_layers=picked,
+                                     config.steps, config.learning_rate, batch, route_layers=picked,
                                      seed=config.seed)
         self.cfg.check()
-        if config.member >= config.num_prompts:
-            raise UserError(f"--member {config.member}: the bank has {config.num_prompts} prompts "
-                            f"(0..{config.num_prompts - 1})")
-        self.lm, self.config = lm, config
-        self.label = f"{config.num_prompts}x{config.prompt_len} prompts"
+        self.rows = len(groups) * config.num_prompts  # M
+        self.row_sources = [g for g in groups for _ in range(config.num_prompts)]  # (M,) each row's source
+        if config.member >= self.rows:
+            raise UserError(f"--member {config.member}: the bank has {self.rows} prompts (0..{self.rows - 1})")
+        self.lm, self.config, self.sources = lm, config, sources
+        self.label = f"{self.rows}x{config.prompt_len} prompts"
         self.args = {"num_prompts": config.num_prompts, "prompt_len": config.prompt_len, "assign": config.assign,
-                     "layers": list(picked), "init": config.init}
+                     "layers": list(picked), "init": config.init,
+                     **({"sources": [s.name for s in sources], "pool": config.pool} if len(sources) > 1 else {})}
 
     def init(self) -> dict[str, torch.Tensor]:
         from .prompt_training import init_bank
 
         c = self.config
-        return {"prompts": init_bank(self.lm.model, self.lm.tokenizer, c.num_prompts, c.prompt_len, c.init, c.seed)}
+        return {"prompts": init_bank(self.lm.model, self.lm.tokenizer, self.rows, c.prompt_len, c.init, c.seed)}
 
-    def train(self, teacher: nn.Module | None, windows: torch.Tensor, state: TrainState,
+    def train(self, teacher: nn.Module | None, windows: list[torch.Tensor], state: TrainState,
               on_step: OnStep) -> TrainState:
         from .prompt_training import train_prompts as train_bank
 
-        return train_bank(self.lm.model, teacher, windows, self.cfg, state, on_step)
+        per_source = windows if self.separate else [pooled(windows, self.config.batch)]
+        return train_bank(self.lm.model, teacher, per_source, self.cfg, state, on_step)
 
     def save(self, state: TrainState, loss: float, provenance: Provenance) -> dict[str, Any]:
         from ..core.artifacts import save_artifact
@@ -208,26 +219,53 @@ class BankJob:
 
         c, bank = self.config, state.params["prompts"]  # (M, P, d)
         shares = [round(n / max(sum(state.counts), 1), 4) for n in state.counts]
-        extra = {"method": "prompts", "prompts": c.num_prompts, "length": c.prompt_len, "objective": c.objective,
+        extra = {"method": "prompts", "prompts": self.rows, "length": c.prompt_len, "objective": c.objective,
                  "init": c.init, "steps": c.steps, "final_loss": loss, "assignment": shares,
+                 "sources": self.row_sources, "score_sources": [s.name for s in self.sources],
                  "parameters": bank.numel()}
-        save_artifact(c.output, {"prompts": bank}, replace(provenance, extra=extra))
+        tensors = {"prompts": bank, **self._routing_stats(bank)}
+        save_artifact(c.output, tensors, replace(provenance, extra=extra))
         if c.export_peft:
             write_peft(c.export_peft, peft_prompt_config(bank[c.member], self.lm.model.config, provenance.model),
                        {"prompt_embeddings": bank[c.member]})  # (P, d)
         return {**extra, "peft": c.export_peft}
 
 
+    def _routing_stats(self, bank: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For calibrated routing: the mean and standard deviation of each row's attention score over each
+        source's texts, `score_mean` and `score_std` (S, M), read on the layers the bank was trained with."""
+        if self.rows < 2:
+            return {}
+        from .route_calibration import source_score_stats
+        from .routing import bank_kv
+
+        texts = [s.texts for s in self.sources]
+        mean, std = source_score_stats(self.lm.model, self.lm.tokenizer, bank_kv(self.lm.model, bank), texts,
+                                       self.cfg.route_layers, self.config.seqlen, self.config.seed)
+        return {"score_mean": mean, "score_std": std}
+
+
+def pooled(windows: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """The sources' windows (N, T) each as one (S*N, T) tensor whose step-s batch of S*batch windows is the
+    sources' step-s batches side by side: a pooled run trains on exactly the windows a per-source run does."""
+    import torch
+
+    if len(windows) == 1:
+        return windows[0]
+    n, t = windows[0].shape
+    return torch.stack([w[: n // batch * batch].view(-1, batch, t) for w in windows], 1).reshape(-1, t)
+
+
 class LoraJob:
     """The re-training baseline: rank-r adapters beside the targeted projections (wrapped into the model
     now), written as a PEFT LoRA adapter directory."""
 
-    def __init__(self, lm: LoadedModel, config: TrainConfig) -> None:
+    def __init__(self, lm: LoadedModel, config: TrainConfig, sources: list[Source]) -> None:
         from .lora_training import LoraTrainConfig, init_lora
 
         names = tuple(t.strip() for t in config.targets.split(",") if t.strip())
         self.cfg = LoraTrainConfig(config.rank, config.alpha, names, config.objective, config.steps,
-                                   config.learning_rate, config.batch, config.seed)
+                                   config.learning_rate, config.batch * len(sources), config.seed)
         self.cfg.check()
         self.lm, self.config = lm, config
         self.wrapped = init_lora(lm.model, self.cfg)
@@ -239,11 +277,12 @@ class LoraJob:
 
         return {k: p.detach().float().cpu().clone() for k, p in lora_parameters(self.wrapped).items()}
 
-    def train(self, teacher: nn.Module | None, windows: torch.Tensor, state: TrainState,
+    def train(self, teacher: nn.Module | None, windows: list[torch.Tensor], state: TrainState,
               on_step: OnStep) -> TrainState:
         from .lora_training import train_lora
 
-        return train_lora(self.lm.model, self.wrapped, teacher, windows, self.cfg, state, on_step)
+        return train_lora(self.lm.model, self.wrapped, teacher, pooled(windows, self.config.batch), self.cfg, state,
+                          on_step)
 
     def save(self, state: TrainState, loss: float, provenance: Provenance) -> dict[str, Any]:
         from .lora import peft_lora_config
@@ -339,7 +378,7 @@ class _StepRecorder:
         self.progress(self.stage, advance=1, note=f"loss {rec.loss:.4f}")
 
 
-def _run(job: Job, teacher: LoadedModel | None, windows: torch.Tensor, state: TrainState,
+def _run(job: Job, teacher: LoadedModel | None, windows: list[torch.Tensor], state: TrainState,
          recorder: _StepRecorder) -> tuple[TrainState, float]:
     """The training loop under the recorder: (final state, last step's loss)."""
     recorder.progress(recorder.stage, total=recorder.config.steps)
@@ -350,8 +389,8 @@ def _run(job: Job, teacher: LoadedModel | None, windows: torch.Tensor, state: Tr
     return state, recorder.loss
 
 
-def _job(lm: LoadedModel, config: TrainConfig) -> Job:
-    return BankJob(lm, config) if config.method == "prompts" else LoraJob(lm, config)
+def _job(lm: LoadedModel, config: TrainConfig, sources: list[Source]) -> Job:
+    return BankJob(lm, config, sources) if config.method == "prompts" else LoraJob(lm, config, sources)
 
 
 def _load(spec: str, config: TrainConfig) -> LoadedModel:
@@ -367,15 +406,19 @@ def train_prompts(config: TrainConfig, progress: Progress = silent) -> dict[str,
     model loads; a resume with other settings before any training."""
     from ..core.artifacts import Provenance
     from ..core.windows import draw_windows
+    from .sources import load_sources, pack_texts
 
     config.check()
     t0 = time.perf_counter()
-    texts = load_texts(config.data, config.field, config.docs)  # every record checked before the model loads
+    sources = load_sources(config.data, config.field, config.docs, config.source_field)  # all checked up front
+    curated = len(sources) > 1 or bool(config.source_field)
     lm = _load(config.model, config)
-    args = {"method": config.method, "data": config.data, "field": config.field, "docs": config.docs,
+    data = config.data if isinstance(config.data, str) else list(config.data)
+    args = {"method": config.method, "data": data, "field": config.field, "docs": config.docs,
+            **({"source_field": config.source_field} if config.source_field else {}),
             "objective": config.objective, "steps": config.steps, "lr": config.learning_rate, "batch": config.batch,
             "seqlen": config.seqlen, "seed": config.seed, "save_every": config.save_every, "log": config.log}
-    job = _job(lm, config)
+    job = _job(lm, config, sources)
     args.update(job.args)
     teacher = None
     if config.objective == "kd":
@@ -384,7 +427,9 @@ def train_prompts(config: TrainConfig, progress: Progress = silent) -> dict[str,
         check_teacher(teacher, lm, spec)
     provenance = Provenance("prompt-bank", config.model, lm.fingerprint, args)
     state = _start(config, args, lm, job)
-    windows = draw_windows(texts, lm.tokenizer, config.steps * config.batch, config.seqlen, config.seed)  # (N, T)
+    n = config.steps * config.batch
+    windows = [draw_windows(pack_texts(s.texts, config.seqlen) if curated else s.texts, lm.tokenizer, n,
+                            config.seqlen, config.seed) for s in sources]  # (N, T) per source
     recorder = _StepRecorder(config, provenance, f"training {job.label}", progress)
     state, loss = _run(job, teacher, windows, state, recorder)
     extra = job.save(state, loss, provenance)

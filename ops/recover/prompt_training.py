@@ -13,7 +13,7 @@ Random assignment at step s depends on (seed, s) only, so a resumed run continue
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,7 @@ VOCAB_INIT_TOKENS = 5000  # prompt tuning's "sampled vocabulary" init draws from
 
 @dataclass(frozen=True)
 class PromptTrainConfig:
-    prompts: int = 4  # M
+    prompts: int = 4  # K per source (M = K with one source)
     length: int = 16  # P
     objective: str = "kd"
     assign: str = "router"
@@ -106,20 +106,29 @@ def balanced_assignment(scores: torch.Tensor, capacity: int) -> torch.Tensor:
     return out
 
 
-def train_prompts(model: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, cfg: PromptTrainConfig,
-                  state: TrainState, on_step: Callable[[StepLog, TrainState], None] | None = None) -> TrainState:
-    """Train state.params["prompts"] (M, P, d) from step state.step to cfg.steps on windows (N, T).
-    `model` and `teacher` stay frozen."""
+def train_prompts(model: nn.Module, teacher: nn.Module | None, windows: Sequence[torch.Tensor],
+                  cfg: PromptTrainConfig, state: TrainState,
+                  on_step: Callable[[StepLog, TrainState], None] | None = None) -> TrainState:
+    """Train state.params["prompts"] (S*K, P, d) from step state.step to cfg.steps on windows, one (N, T)
+    tensor per source: each step, source s gives cfg.batch windows, assigned among its own K = cfg.prompts
+    rows s*K .. s*K+K-1 only, so a prompt never sees another source's text. `model` and `teacher` stay
+    frozen."""
     device = model.get_input_embeddings().weight.device
     model.requires_grad_(False)
     bank = nn.Parameter(state.params["prompts"].to(device))
+    k = cfg.prompts
+
+    def source_batch(s: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = window_batch(windows[s], step, cfg.batch).to(device)  # (B, T)
+        rows = assign(model, bank[s * k:(s + 1) * k], ids, cfg, step).to(device) + s * k  # (B,) or (B*K,)
+        return ids.repeat_interleave(len(rows) // len(ids), 0), rows
 
     def step_loss(step: int) -> tuple[torch.Tensor, list[int]]:
-        ids = window_batch(windows, step, cfg.batch).to(device)  # (B, T)
-        rows = assign(model, bank, ids, cfg, step).to(device)  # (B,), or (B*M,) for `all`
-        ids = ids.repeat_interleave(len(rows) // len(ids), 0)  # (len(rows), T)
+        parts = [source_batch(s, step) for s in range(len(windows))]
+        ids = torch.cat([i for i, _ in parts])  # (S*B, T), or (S*B*K, T) for `all`
+        rows = torch.cat([r for _, r in parts])
         target = teacher_logits(teacher, ids) if cfg.objective == "kd" else None
         loss = token_loss(cfg.objective, _student_logits(model, bank[rows], ids), ids, target).mean()
-        return loss, torch.bincount(rows.cpu(), minlength=cfg.prompts).tolist()
+        return loss, torch.bincount(rows.cpu(), minlength=k * len(windows)).tolist()
 
     return fit({"prompts": bank}, step_loss, cfg.steps, cfg.lr, cfg.weight_decay, state, on_step)

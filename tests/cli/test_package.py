@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 COMMANDS = [[], ["models"], ["models", "prepare"], ["inspect"], ["generate"], ["calibrate"], ["compress"], ["eval"],
-            ["train-prompts"], ["route"], ["align"], ["table"]]
+            ["train-prompts"], ["sources"], ["route"], ["align"], ["table"]]
 
 
 def test_wheel_installs_only_the_rechannel_package(tmp_path):

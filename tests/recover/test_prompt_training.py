@@ -127,7 +127,7 @@ def test_kd_training_finds_a_hidden_prompt_and_changes_only_the_prompts(tiny_mod
     windows = torch.randint(3, 300, (64, 12))
     cfg = PromptTrainConfig(prompts=1, length=4, objective="kd", steps=30, lr=0.3, batch=4)
     losses = []
-    state = train_prompts(lm.model, teacher, windows, cfg, TrainState({"prompts": init_bank(lm.model, lm.tokenizer, 1, 4, "vocab", 0)}),
+    state = train_prompts(lm.model, teacher, [windows], cfg, TrainState({"prompts": init_bank(lm.model, lm.tokenizer, 1, 4, "vocab", 0)}),
                           on_step=lambda rec, st: losses.append(rec.loss))
     assert sum(losses[-5:]) < 0.3 * sum(losses[:5]), losses
     assert state.step == 30 and state.counts == [120] and set(state.adam) == {"prompts.exp_avg", "prompts.exp_avg_sq"}
