@@ -6,27 +6,37 @@ from typing import Annotated
 
 import typer
 
-from ..ops.core.errors import unknown_choice
+from ..ops.core.errors import UserError, unknown_choice
 from . import options
+
+Prompts = Annotated[str, typer.Option("--prompts", "-p", help="The prompt bank (.safetensors) from train-prompts.")]
+By = Annotated[str, typer.Option(help="attention (IDP: the prompt the input attends to most) or entropy (the prompt under "
+                                      "which the model is least uncertain; M passes).")]
+Calibration = Annotated[str, typer.Option(help="attention: auto (centroid where the bank has statistics for these "
+                                               "--layers, else none), none (raw argmax), ratio, zscore or centroid "
+                                               "(the bank's per-source score statistics).")]
+Field = Annotated[str, typer.Option(help="The record field holding the text to route.")]
+SourceField = Annotated[str | None, typer.Option(help="The record field naming each input's source: routing accuracy "
+                                                      "against it goes in --summary.")]
+Layers = Annotated[str, typer.Option(help="Layers attention routing reads: first (the first 1/8: cheap), all, A:B or i,j,k.")]
+Summary = Annotated[str | None, typer.Option(help="Also write the histogram of chosen prompts (and the routing "
+                                                  "accuracy) as JSON here.")]
+Input = Annotated[str, typer.Option("--input", "-i", help="JSONL records ('-' = stdin).")]
+Output = Annotated[str, typer.Option("--output", "-o", help="Where the records go ('-' = stdout).")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Inputs per forward batch.")]
 
 
 def route_command(
-    prompts: Annotated[str, typer.Option("--prompts", "-p", help="The prompt bank (.safetensors) from train-prompts.")],
-    by: Annotated[str, typer.Option(help="attention (IDP: the prompt the input attends to most) or entropy "
-                                         "(the prompt under which the model is least uncertain; M passes).")] = "attention",
-    calibration: Annotated[str, typer.Option(help="attention: auto (centroid where the bank has statistics "
-                                                  "for these --layers, else none), none (raw argmax), ratio, zscore or "
-                                                  "centroid (the bank's per-source score statistics).")] = "auto",
-    field: Annotated[str, typer.Option(help="The record field holding the text to route.")] = "text",
-    source_field: Annotated[str | None, typer.Option(help="The record field naming each input's source: "
-                                                          "routing accuracy against it goes in --summary.")] = None,
-    layers: Annotated[str, typer.Option(help="Layers attention routing reads: first (the first 1/8: cheap), all, "
-                                             "A:B or i,j,k.")] = "first",
-    summary: Annotated[str | None, typer.Option(help="Also write the histogram of chosen prompts (and the "
-                                                     "routing accuracy) as JSON here.")] = None,
-    input: Annotated[str, typer.Option("--input", "-i", help="JSONL records ('-' = stdin).")] = "-",
-    output: Annotated[str, typer.Option("--output", "-o", help="Where the records go ('-' = stdout).")] = "-",
-    batch_size: Annotated[int, typer.Option(min=1, help="Inputs per forward batch.")] = 8,
+    prompts: Prompts,
+    by: By = "attention",
+    calibration: Calibration = "auto",
+    field: Field = "text",
+    source_field: SourceField = None,
+    layers: Layers = "first",
+    summary: Summary = None,
+    input: Input = "-",
+    output: Output = "-",
+    batch_size: BatchSize = 8,
     model: options.Model = "smollm2-135m",
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -44,18 +54,19 @@ def route_command(
     """
     from ..ops.core.blocks import decoder_blocks
     from ..ops.core.models import model_paths
-    from ..ops.core.outputs import Input, Output, check_outputs
+    from ..ops.core.outputs import Input as In
+    from ..ops.core.outputs import Output as Out
+    from ..ops.core.outputs import check_outputs
     from ..ops.core.records import read_jsonl
     from ..ops.recover.prompts import Route, load_prompt_bank, router
     from ..ops.recover.route_calibration import resolve_calibration
     from ..ops.recover.routing import BY, parse_layers
-    from .console import progress
-    from .jsonl import JsonlWriter, write_json
+    from .jsonl import write_json
 
     if by not in BY:
         raise unknown_choice("by", by, BY)
-    check_outputs([Output("-o", output), Output("--summary", summary or "")],
-                  [Input("--input", input), Input("--prompts", prompts), *(Input("--model", p) for p in model_paths(model))])
+    check_outputs([Out("-o", output), Out("--summary", summary or "")],
+                  [In("--input", input), In("--prompts", prompts), *(In("--model", p) for p in model_paths(model))])
     records = read_jsonl(input, require=(field,) + ((source_field,) if source_field else ()))
     texts = [r.field(field, str) for r in records]
     lm = options.load(model, device, dtype, trust_remote_code)
@@ -63,34 +74,47 @@ def route_command(
     picked = tuple(parse_layers(layers, len(decoder_blocks(lm.model))))
     if by == "attention":
         calibration = resolve_calibration(calibration, bank.score_mean, bank.layers, picked)
+    if source_field and not bank.row_sources:
+        raise UserError("--source-field: the bank records no source names to compare with")
     choose = router(Route(by), lm.model, lm.tokenizer, bank, picked, calibration, with_scores=True)
-    with progress() as bar:
-        task = bar.add_task(f"routing by {by}", total=len(texts))
-        routes = []
-        for start in range(0, len(texts), batch_size * 16):
-            routes += choose(texts[start:start + batch_size * 16], "")
-            bar.advance(task, min(batch_size * 16, len(texts) - start))
-    names = bank.row_sources
-    with JsonlWriter(output) as out:
-        for rec, (k, scores) in zip(records, routes, strict=True):
-            info = {"prompt": k, **({"source": names[k]} if names else {}), "scores": [round(v, 6) for v in scores],
-                    "by": by, **({"layers": list(picked), "calibration": calibration} if by == "attention" else {})}
-            out.write({**rec.data, "route": info})
+    routes = _route_all(choose, texts, batch_size, by)
+    how = {"by": by, **({"layers": list(picked), "calibration": calibration} if by == "attention" else {})}
+    _write_records(output, records, routes, bank.row_sources, how)
     report = _summary([k for k, _ in routes], bank, [r.field(source_field) for r in records] if source_field else None)
     _print_summary(report)
     if summary:
         write_json(summary, report)
 
 
+def _route_all(choose, texts: list[str], batch_size: int, by: str) -> list:
+    """(row, scores) for every text, `batch_size` texts per forward, with a progress bar."""
+    from .console import progress
+
+    routes = []
+    with progress() as bar:
+        task = bar.add_task(f"routing by {by}", total=len(texts))
+        for start in range(0, len(texts), batch_size):
+            routes += choose(texts[start:start + batch_size], "")
+            bar.advance(task, len(texts[start:start + batch_size]))
+    return routes
+
+
+def _write_records(output: str, records: list, routes: list, names: list[str] | None, how: dict) -> None:
+    """Each record with its "route": the chosen prompt, its source, the raw scores and how it was chosen."""
+    from .jsonl import JsonlWriter
+
+    with JsonlWriter(output) as out:
+        for rec, (k, scores) in zip(records, routes, strict=True):
+            source = {"source": names[k]} if names else {}
+            out.write({**rec.data, "route": {"prompt": k, **source, "scores": [round(v, 6) for v in scores], **how}})
+
+
 def _summary(rows: list[int], bank, truth: list | None) -> dict:
     """The histogram of chosen prompts and, with the inputs' sources, the routing accuracy against them."""
-    from ..ops.core.errors import UserError
     from ..ops.recover.routing_report import routing_accuracy, routing_report
 
     report = routing_report(rows, len(bank.prompts), bank.row_sources)
     if truth is not None:
-        if not bank.row_sources:
-            raise UserError("--source-field: the bank records no source names to compare with")
         report["against_source"] = routing_accuracy([bank.row_sources[k] for k in rows], [str(t) for t in truth])
     return report
 

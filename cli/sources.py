@@ -26,7 +26,7 @@ def sources_command(
 
     Sources come from rows no evaluation task reads: web (C4 documents 500-999), science (ARC dev, OpenBookQA dev), commonsense (CommonsenseQA train), trivia (TriviaQA sm_sub without the questions of test1000), math (GSM8K train). "text" is a row as eval renders it with the correct answer (what training reads); "input" the context alone (what routing reads). Each source is shuffled with a fixed seed and its first --heldout rows form the heldout split.
     """
-    from ..ops.recover.sources import BUILTIN, builtin_rows
+    from ..ops.evaluation.sources import BUILTIN, builtin_rows
     from .jsonl import JsonlWriter
 
     rows = {name: builtin_rows(name, data_dir, split, heldout) for name in (names or list(BUILTIN))}

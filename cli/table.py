@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,8 +44,10 @@ def _label(path: str, doc: dict[str, Any]) -> str:
     route, m = bank.get("route", "none"), bank.get("prompts")
     if route == "attention":
         label += f" + IDP ({m} prompts)"
-    elif route == "entropy":
-        label += f" + {m} prompts by entropy"
+    elif route in ("entropy", "oracle"):
+        label += f" + {m} prompts by {route}"
+    elif route == "random":
+        label += f" + {m} prompts at random"
     elif route != "none":
         label += " + 1 prompt" if m == 1 else f" + prompt {route.removeprefix('fixed:')} of {m}"
     if config.get("loader", "rechannel") != "rechannel":
@@ -114,33 +117,70 @@ def _is_plain(doc: dict[str, Any]) -> bool:
     return not config.get("adapter") and (config.get("prompts") or {}).get("route", "none") == "none"
 
 
-def _recovery(rows: list[dict[str, Any]], docs: list[dict[str, Any]]) -> list[str]:
+def _recovery(rows: list[dict[str, Any]], docs: list[dict[str, Any]], columns: list[str]) -> list[str]:
     """Add the average score, the share of the compression loss recovered (against the plain run of the same
-    model and the plain dense run), extra parameters and latency to each row; notes for under the table."""
-    from ..ops.evaluation.metrics import average_score, ms_per_example, recovered_share
+    model and the plain dense run), extra parameters and latency to each row; notes for under the table.
+    With every file's per-example scores, averages and shares get paired-bootstrap intervals (stats.py)."""
+    from ..ops.evaluation.metrics import ms_per_example
 
-    avg = [average_score(d["results"]) for d in docs]
-    ppl = [-((d["results"].get("wikitext2") or {}).get("ppl,none") or float("nan")) for d in docs]  # higher is better
     fps = [(d.get("config") or {}).get("fingerprint") for d in docs]
     dense = next((i for i, d in enumerate(docs) if _is_plain(d) and not d["config"].get("compression")), None)
+    for row, d in zip(rows, docs, strict=True):
+        row["extra params"] = d.get("config", {}).get("extra_parameters", 0)
+        row["ms/example"] = ms_per_example(d["results"])
+    if dense is not None and all(d.get("per_example") for d in docs):
+        from .table_stats import recovery_with_intervals
+
+        notes = recovery_with_intervals(rows, docs, fps, dense, columns)
+    else:
+        notes = _recovery_plain(rows, docs, fps, dense)
+    _ppl_recovered(rows, docs, fps, dense)
+    return notes + _parameter_notes(rows, docs, fps)
+
+
+def _ppl_recovered(rows: list[dict[str, Any]], docs: list[dict[str, Any]], fps: list[Any], dense: int | None) -> None:
+    """The recovered share of WikiText-2 perplexity, where all three runs measured it."""
+    from ..ops.evaluation.metrics import recovered_share
+
+    ppl = [-((d["results"].get("wikitext2") or {}).get("ppl,none") or float("nan")) for d in docs]  # higher is better
+    for i, (row, d) in enumerate(zip(rows, docs, strict=True)):
+        base = next((j for j, e in enumerate(docs) if fps[j] == fps[i] and _is_plain(e)), None)
+        row["ppl recovered"] = None
+        if dense is not None and base is not None and not _is_plain(d) and not math.isnan(ppl[i] + ppl[base] + ppl[dense]):
+            row["ppl recovered"] = recovered_share(ppl[dense], ppl[base], ppl[i])
+
+
+def _recovery_plain(rows: list[dict[str, Any]], docs: list[dict[str, Any]], fps: list[Any],
+                    dense: int | None) -> list[str]:
+    """Averages and shares from the task means alone (files without per-example scores): a share only where
+    dense and compressed differ by more than 1.96 standard errors of their difference."""
+    from ..ops.evaluation.metrics import average_score, average_stderr, recovered_share
+
+    avg = [average_score(d["results"]) for d in docs]
+    se = [average_stderr(d["results"]) for d in docs]
+    noisy = set()
     for i, (row, d) in enumerate(zip(rows, docs, strict=True)):
         base = next((j for j, e in enumerate(docs) if fps[j] == fps[i] and _is_plain(e)), None)
         row["avg"] = avg[i]
-        row["recovered"] = row["ppl recovered"] = None
-        if dense is not None and base is not None and not _is_plain(d):
-            if None not in (avg[dense], avg[base], avg[i]):
+        row["recovered"] = None
+        if dense is not None and base is not None and not _is_plain(d) and None not in (avg[dense], avg[base], avg[i]):
+            gap_se = math.hypot(se[dense] or 0.0, se[base] or 0.0)
+            if avg[dense] - avg[base] > 1.96 * gap_se:
                 row["recovered"] = recovered_share(avg[dense], avg[base], avg[i])
-            if ppl[i] == ppl[i] and ppl[base] == ppl[base] and ppl[dense] == ppl[dense]:  # all present (not NaN)
-                row["ppl recovered"] = recovered_share(ppl[dense], ppl[base], ppl[i])
-        row["extra params"] = d.get("config", {}).get("extra_parameters", 0)
-        row["ms/example"] = ms_per_example(d["results"])
+            else:
+                noisy.add(rows[base]["run"])
+    return [f"{run}: no recovered share: its average is within 1.96 standard errors of the dense model's"
+            for run in noisy]
+
+
+def _parameter_notes(rows: list[dict[str, Any]], docs: list[dict[str, Any]], fps: list[Any]) -> list[str]:
     notes = []
     for fp in dict.fromkeys(fps):
-        lora = [r["extra params"] for r, d in zip(rows, docs, strict=True) if d["config"].get("fingerprint") == fp and d["config"].get("adapter")]
-        idp = [r["extra params"] for r, d in zip(rows, docs, strict=True) if d["config"].get("fingerprint") == fp
-               and (d["config"].get("prompts") or {}).get("route") in ("attention", "entropy")]
+        mine = [(r, d) for r, d in zip(rows, docs, strict=True) if d["config"].get("fingerprint") == fp]
+        lora = [r["extra params"] for r, d in mine if d["config"].get("adapter")]
+        idp = [r["extra params"] for r, d in mine if (d["config"].get("prompts") or {}).get("route") in ("attention", "entropy")]
         if lora and idp and idp[0]:
-            label = next(r["run"] for r, d in zip(rows, docs, strict=True) if d["config"].get("fingerprint") == fp and _is_plain(d))
+            label = next((r["run"] for r, d in mine if _is_plain(d)), mine[0][0]["run"])
             notes.append(f"{label}: LoRA / IDP extra parameters = {lora[0] / idp[0]:.1f}x")
     return notes
 
@@ -202,8 +242,8 @@ def table_command(results: Results, json: Json = False, markdown: Markdown = Fal
         _plot(plot_attention, results, rows)
     notes = []
     if recovery:
-        notes = _recovery(rows, [_load(p) for p in results])
         columns += RECOVERY_COLUMNS
+        notes = _recovery(rows, [_load(p) for p in results], columns)
     if json:
         from .jsonl import STDIO, JsonlWriter
 
@@ -238,6 +278,8 @@ def _check_options(results: list[str], json: bool, markdown: bool, metrics: str 
 
 
 def _cell(v: Any) -> str:
+    if isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):
+        return f"[{v[0]:.3f}, {v[1]:.3f}]"  # an interval
     return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
 
 

@@ -75,7 +75,6 @@ def train_prompts_command(
     [bold]Examples[/bold]
 
       rechannel train-prompts --model out/wanda50 --data c4.jsonl --docs 500:1000 --num-prompts 4 -o bank.safetensors
-      rechannel train-prompts --model out/wanda50 --data web=c4.jsonl --data trivia=tqa.jsonl --num-prompts 1 -o curated.safetensors
       rechannel sources -o sources.jsonl && rechannel train-prompts -m out/wanda50 --data sources.jsonl --source-field source --num-prompts 1 -o curated.safetensors
       rechannel train-prompts --model out/gptq3 --data c4.jsonl --num-prompts 1 --objective lm --steps 100 -o one.safetensors
       rechannel train-prompts --model out/wanda50 --data c4.jsonl --method lora --rank 8 -o lora-wanda50
@@ -89,11 +88,10 @@ def train_prompts_command(
 
     config = TrainConfig(
         data[0] if len(data) == 1 else tuple(data), output, method=method, teacher=teacher, field=field, docs=docs,
-        source_field=source_field, pool=pool, num_prompts=num_prompts,
-        prompt_len=prompt_len, objective=objective, assign=assign, layers=layers, rank=rank, alpha=alpha,
-        targets=targets, steps=steps, lr=lr, batch=batch, seqlen=seqlen, init=init, seed=seed, save_every=save_every,
-        resume=resume, log=log, export_peft=export_peft, member=member, model=model, device=device, dtype=dtype,
-        trust_remote_code=trust_remote_code)
+        source_field=source_field, pool=pool, num_prompts=num_prompts, prompt_len=prompt_len, objective=objective,
+        assign=assign, layers=layers, rank=rank, alpha=alpha, targets=targets, steps=steps, lr=lr, batch=batch,
+        seqlen=seqlen, init=init, seed=seed, save_every=save_every, resume=resume, log=log, export_peft=export_peft,
+        member=member, model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     tame_libraries()
     with bars() as report:
         summary = train_prompts(config, progress=report)

@@ -141,6 +141,7 @@ def _conditioning(lm: Any, prompts: str | None, route: str, layers: str,
     from ..recover.route_calibration import resolve_calibration
     from ..recover.routing import parse_layers
     from .evaluator import Conditioning
+    from .sources import TASK_SOURCE
 
     r = parse_route(route)
     if prompts is None:
@@ -157,7 +158,7 @@ def _conditioning(lm: Any, prompts: str | None, route: str, layers: str,
     info = {"path": prompts, "route": str(r), "prompts": m, "length": p, "parameters": bank.prompts.numel(),
             "sources": bank.row_sources,
             **({"layers": list(picked), "calibration": calibration} if r.kind == "attention" else {})}
-    route_fn = router(r, lm.model, lm.tokenizer, bank, picked, calibration)
+    route_fn = router(r, lm.model, lm.tokenizer, bank, picked, calibration, task_source=TASK_SOURCE)
     return Conditioning(bank.prompts, route_fn, r.kind == "record", row_sources=bank.row_sources), info
 
 
@@ -219,6 +220,18 @@ def _run_ppl(s: _Session, task: Any, text: str, batch_size: int, advance: Callab
                  [{"task": task.name, "window": i, "nll": v} for i, v in enumerate(nlls)])
 
 
+def chance_level(kind: str, records: list[Record]) -> float:
+    """The accuracy of guessing: the mean of 1 / choices for multiple choice, 0 for generated answers."""
+    if kind in ("mc", "partial"):
+        return sum(1 / len(r["loglik"]) for r in records) / len(records)
+    return 0.0
+
+
+def example_score(record: Record) -> float:
+    """An example's headline score: acc (multiple choice, LAMBADA) or exact match (QA)."""
+    return float(record["acc"] if "acc" in record else record["exact_match"])
+
+
 def _run_examples(s: _Session, task: Any, examples: list, batch_size: int, advance: Callable[[int], None]) -> _Done:
     """A task scored per example (multiple choice, partial, last word, QA; the first `limit` examples) and its
     throughput."""
@@ -235,9 +248,10 @@ def _run_examples(s: _Session, task: Any, examples: list, batch_size: int, advan
     result = {**run.metrics, "samples": n, "seconds": round(run.seconds, 2),
               "examples_per_s": round(n / run.seconds, 2), "tokens_per_s": round(run.tokens / run.seconds, 1),
               "seconds_per_example": round(run.seconds / n, 4)}
+    result["chance"] = chance_level(task.kind, run.records)
     if cond.prompts is not None:
         from ..recover.routing_report import routing_report
-        from ..recover.sources import TASK_SOURCE
+        from .sources import TASK_SOURCE
 
         result["routing"] = routing_report([r["prompt"] for r in run.records], len(cond.prompts),
                                            cond.row_sources, TASK_SOURCE.get(task.name))
@@ -273,7 +287,10 @@ def _document(config: EvalConfig, plan: _Plan, lm: Any, done: dict[str, _Done], 
     from ..core.version import __version__
 
     chosen = plan.tasks
+    per_example = {name: {"id": [r["id"] for r in d.records], "score": [example_score(r) for r in d.records]}
+                   for name, d in done.items() if "samples" in d.result}
     return {"results": {name: {"alias": name, **d.result} for name, d in done.items()},
+            "per_example": per_example,
             "n-samples": {name: d.n_samples for name, d in done.items()},
             "configs": {t.name: {"task": t.name, "kind": t.kind, "files": list(t.files), "template": t.template,
                                  "num_fewshot": 0} for t in chosen},

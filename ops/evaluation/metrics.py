@@ -78,6 +78,15 @@ def average_score(results: dict) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
+def average_stderr(results: dict) -> float | None:
+    """Standard error of average_score from the tasks' own (independent across tasks): sqrt(sum se^2) / T."""
+    ses = [r.get("acc_stderr,none", r.get("exact_match_stderr,none")) for r in results.values()
+           if primary_score(r) is not None]
+    if not ses or any(v is None for v in ses):
+        return None
+    return math.sqrt(sum(v * v for v in ses)) / len(ses)
+
+
 MIN_LOSS = 1e-6  # below this, compression lost nothing to recover and a share means nothing
 
 

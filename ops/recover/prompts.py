@@ -12,7 +12,7 @@ designated source: the upper bound of routing), `random` (a uniformly drawn prom
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from ..core.errors import UserError, unknown_choice
 
 BANK_KIND = "prompt-bank"
+RANDOM_ROUTE_SEED = 0  # --route random draws from a generator seeded with this, once per run
 ROUTES = ("none", "fixed:K", "attention", "entropy", "oracle", "random", "record")
 
 
@@ -96,28 +97,29 @@ Router = Callable[[Sequence[str], str], list[int | None]]  # (texts, task name) 
 
 
 def router(route: Route, model=None, tokenizer=None, bank: Bank | None = None, layers: tuple[int, ...] = (0,),
-           calibration: str = "none", seed: int = 0, with_scores: bool = False) -> Router:
+           calibration: str = "none", with_scores: bool = False, task_source: Mapping[str, str] | None = None
+           ) -> Router:
     """(example texts, task) -> their bank rows. attention and entropy run the model on the texts (their
     tokens as `encode_pair` makes them, no special tokens), in batches, with the bank's keys and values
     cached once; attention scores go through `calibration` (route_calibration.py). oracle picks the rows
-    trained on the task's designated source (the best of them by attention when there are several), random a
+    trained on the task's own source (`task_source` maps task names to source names; the best of the rows by
+    attention when there are several), random a
     uniformly drawn row (a generator seeded once, so a run is reproducible). `with_scores` (attention,
     entropy): each text's (row, raw scores (M,)) instead of its row."""
     if route.kind == "fixed":
         return lambda texts, task: [route.index] * len(texts)
     if route.kind == "random":
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(RANDOM_ROUTE_SEED)
         return lambda texts, task: torch.randint(0, len(bank.prompts), (len(texts),), generator=g).tolist()
     if route.kind in ("attention", "entropy", "oracle"):
-        return _model_router(route, model, tokenizer, bank, layers, calibration, with_scores)
+        return _model_router(route, model, tokenizer, bank, layers, calibration, with_scores, task_source or {})
     return lambda texts, task: [None] * len(texts)
 
 
 def _model_router(route: Route, model, tokenizer, bank: Bank, layers: tuple[int, ...], calibration: str,
-                  with_scores: bool) -> Router:
+                  with_scores: bool, task_source: Mapping[str, str]) -> Router:
     from .route_calibration import choose, resolve_calibration
     from .routing import bank_kv, route_rows, routing_ids
-    from .sources import TASK_SOURCE
 
     if route.kind == "attention":
         calibration = resolve_calibration(calibration, bank.score_mean, bank.layers, layers)
@@ -129,9 +131,9 @@ def _model_router(route: Route, model, tokenizer, bank: Bank, layers: tuple[int,
         if not texts:
             return []
         if route.kind == "oracle":
-            if task not in TASK_SOURCE:
-                raise UserError(f"--route oracle: task {task} has no designated source")
-            candidates = bank.source_rows(TASK_SOURCE[task])
+            if task not in task_source:
+                raise UserError(f"--route oracle: task {task} has no source of its own to route to")
+            candidates = bank.source_rows(task_source[task])
             if len(candidates) == 1:
                 return [candidates[0]] * len(texts)
         routed = route_rows(model, kv, routing_ids(tokenizer, texts), by, layers, pad_id=pad)

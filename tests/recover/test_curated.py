@@ -224,7 +224,7 @@ def test_a_bank_without_source_names_still_loads_and_routes(tiny_model, tmp_path
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="the shared data is not beside the repository")
 def test_builtin_sources_hold_out_rows_and_never_ask_an_evaluation_question():
-    from rechannel.ops.recover.sources import BUILTIN, builtin_rows, normalise_question
+    from rechannel.ops.evaluation.sources import BUILTIN, builtin_rows, normalise_question
 
     test = {normalise_question(json.loads(line)["question"])
             for line in (DATA / "tasks" / "triviaqa" / "test1000.jsonl").read_text().splitlines() if line.strip()}
