@@ -102,7 +102,7 @@ IDP_LIMIT   ?= 500
 IDP_TASKS   ?= $(KNOW_TASKS)
 LORA_RANK   ?= 8
 IDP_RUNS    := $(foreach m,$(IDP_MODELS),$(m) $(m).prompt1 $(m).bank $(m).oracle $(m).lora)
-TRAIN_ARGS   = --data $(OUT)/sources.train.jsonl --source-field source --steps $(IDP_STEPS) --batch $(IDP_BATCH) \
+TRAIN_ARGS   = --data $(OUT)/sources.train.jsonl --source-field source --input-field input --steps $(IDP_STEPS) --batch $(IDP_BATCH) \
                --seqlen $(IDP_SEQLEN) --prompt-len $(IDP_LEN) --device $(DEVICE)
 IDP_ARGS     = --tasks $(IDP_TASKS),wikitext2 --seqlen $(SEQLEN) $(if $(PPL_LIMIT),--windows $(PPL_LIMIT)) --data-dir $(DATA) \
                --limit $(IDP_LIMIT) --device $(DEVICE)

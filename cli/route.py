@@ -90,12 +90,15 @@ def _route_all(choose, texts: list[str], batch_size: int, by: str) -> list:
     """(row, scores) for every text, `batch_size` texts per forward, with a progress bar."""
     from .console import progress
 
-    routes = []
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of alike lengths: little padding
+    routes: list = [None] * len(texts)
     with progress() as bar:
         task = bar.add_task(f"routing by {by}", total=len(texts))
-        for start in range(0, len(texts), batch_size):
-            routes += choose(texts[start:start + batch_size], "")
-            bar.advance(task, len(texts[start:start + batch_size]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            for i, r in zip(chunk, choose([texts[i] for i in chunk], ""), strict=True):
+                routes[i] = r
+            bar.advance(task, len(chunk))
     return routes
 
 

@@ -12,6 +12,7 @@ from .calibrate import Docs, Field
 # The options, in the order --help lists them (Data, Field, Docs and the model options are shared).
 Data = Annotated[list[str], typer.Option("--data", "-d", help="JSONL of documents ('-' = stdin); repeated as NAME=FILE, one source each: one set of prompts per source, trained on its text only.")]
 SourceField = Annotated[str | None, typer.Option(help="Split the one --data file into sources by this record field (as `rechannel sources` writes them).")]
+InputField = Annotated[str | None, typer.Option(help="The record field routing reads (the question without its answer); the bank's routing statistics are taken over it \\[default: --field].", show_default=False)]
 Pool = Annotated[bool, typer.Option("--pool", help="Several sources: train --num-prompts prompts on all of them together, on the very windows the per-source bank trains on (the one-prompt baseline).")]
 Output = Annotated[str, typer.Option("--output", "-o", help="The prompt bank (.safetensors), or with --method lora the PEFT adapter directory.")]
 Method = Annotated[str, typer.Option(help="prompts (a bank of soft prompts) or lora (the re-training baseline).")]
@@ -45,6 +46,7 @@ def train_prompts_command(
     field: Field = "text",
     docs: Docs = "",
     source_field: SourceField = None,
+    input_field: InputField = None,
     pool: Pool = False,
     num_prompts: NumPrompts = 4,
     prompt_len: PromptLen = 16,
@@ -75,8 +77,7 @@ def train_prompts_command(
     [bold]Examples[/bold]
 
       rechannel train-prompts --model out/wanda50 --data c4.jsonl --docs 500:1000 --num-prompts 4 -o bank.safetensors
-      rechannel sources -o sources.jsonl && rechannel train-prompts -m out/wanda50 --data sources.jsonl --source-field source --num-prompts 1 -o curated.safetensors
-      rechannel train-prompts --model out/gptq3 --data c4.jsonl --num-prompts 1 --objective lm --steps 100 -o one.safetensors
+      rechannel sources -o s.jsonl && rechannel train-prompts -m out/wanda50 --data s.jsonl --source-field source --input-field input --num-prompts 1 -o curated.safetensors
       rechannel train-prompts --model out/wanda50 --data c4.jsonl --method lora --rank 8 -o lora-wanda50
       rechannel train-prompts --model out/wanda50 --data c4.jsonl -o bank.safetensors --resume --steps 600
 
@@ -88,7 +89,7 @@ def train_prompts_command(
 
     config = TrainConfig(
         data[0] if len(data) == 1 else tuple(data), output, method=method, teacher=teacher, field=field, docs=docs,
-        source_field=source_field, pool=pool, num_prompts=num_prompts, prompt_len=prompt_len, objective=objective,
+        source_field=source_field, input_field=input_field, pool=pool, num_prompts=num_prompts, prompt_len=prompt_len, objective=objective,
         assign=assign, layers=layers, rank=rank, alpha=alpha, targets=targets, steps=steps, lr=lr, batch=batch,
         seqlen=seqlen, init=init, seed=seed, save_every=save_every, resume=resume, log=log, export_peft=export_peft,
         member=member, model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)

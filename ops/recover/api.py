@@ -48,6 +48,7 @@ class TrainConfig:
     field: str = "text"  # the record field holding the text
     docs: str = ""  # documents to use, START:END ('' = all)
     source_field: str | None = None  # split the one data file into sources by this record field
+    input_field: str | None = None  # the record field routing reads (score statistics); None: `field`
     pool: bool = False  # several sources: train on all of them as one (the one-prompt baseline, same windows)
     num_prompts: int = 4  # prompts per source (K; the bank has sources x K); 1 with one source: one prompt
     prompt_len: int = 16  # virtual tokens per prompt (P)
@@ -239,9 +240,9 @@ class BankJob:
         from .route_calibration import source_score_stats
         from .routing import bank_kv
 
-        texts = [s.texts for s in self.sources]
+        texts = [s.inputs for s in self.sources]
         mean, std = source_score_stats(self.lm.model, self.lm.tokenizer, bank_kv(self.lm.model, bank), texts,
-                                       self.cfg.route_layers, self.config.seqlen, self.config.seed)
+                                       self.cfg.route_layers, self.config.seed)
         return {"score_mean": mean, "score_std": std}
 
 
@@ -410,12 +411,13 @@ def train_prompts(config: TrainConfig, progress: Progress = silent) -> dict[str,
 
     config.check()
     t0 = time.perf_counter()
-    sources = load_sources(config.data, config.field, config.docs, config.source_field)  # all checked up front
+    sources = load_sources(config.data, config.field, config.docs, config.source_field, config.input_field)
     curated = len(sources) > 1 or bool(config.source_field)
     lm = _load(config.model, config)
     data = config.data if isinstance(config.data, str) else list(config.data)
     args = {"method": config.method, "data": data, "field": config.field, "docs": config.docs,
             **({"source_field": config.source_field} if config.source_field else {}),
+            **({"input_field": config.input_field} if config.input_field else {}),
             "objective": config.objective, "steps": config.steps, "lr": config.learning_rate, "batch": config.batch,
             "seqlen": config.seqlen, "seed": config.seed, "save_every": config.save_every, "log": config.log}
     job = _job(lm, config, sources)

@@ -32,16 +32,16 @@ STATS_TEXTS = 64  # texts per source whose scores the statistics are taken over
 MIN_STD = 1e-6  # a floor on standard deviations (a row scoring the same on every text)
 
 
-def source_score_stats(model, tokenizer, kv, texts: Sequence[Sequence[str]], layers: Sequence[int], seqlen: int,
+def source_score_stats(model, tokenizer, kv, texts: Sequence[Sequence[str]], layers: Sequence[int],
                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std), each (S, M): the attention score of every bank row over up to STATS_TEXTS texts of each
-    source (drawn with `seed`, each cut to its first `seqlen` tokens)."""
+    source (drawn with `seed`, each read as routing reads an input: its first ROUTE_TOKENS tokens)."""
     from .routing import route_rows, routing_ids
 
     means, stds = [], []
     for source_texts in texts:
         picked = random.Random(seed).sample(list(source_texts), min(STATS_TEXTS, len(source_texts)))
-        rows = [ids[:seqlen] for ids in routing_ids(tokenizer, picked)]
+        rows = routing_ids(tokenizer, picked)
         scores = torch.tensor([sc for _, sc in route_rows(model, kv, rows, "attention", layers,
                                                           pad_id=tokenizer.pad_token_id or 0)])  # (n, M)
         means.append(scores.mean(0))

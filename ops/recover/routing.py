@@ -171,10 +171,15 @@ def route(model: nn.Module, kv: BankKV, ids: torch.Tensor, mask: torch.Tensor, b
     return scores.argmin(1), scores
 
 
-def routing_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """The tokens routing reads for each text: as eval encodes contexts (no special tokens); an empty text
-    becomes the end-of-sequence token, so every input has something to attend from."""
-    return [tokenizer(t, add_special_tokens=False).input_ids or [tokenizer.eos_token_id] for t in texts]
+ROUTE_TOKENS = 512  # routing reads at most an input's first this many tokens
+
+
+def routing_ids(tokenizer, texts: Sequence[str], limit: int = ROUTE_TOKENS) -> list[list[int]]:
+    """The tokens routing reads for each text: as eval encodes contexts (no special tokens), the first `limit`
+    of them (which prompt fits a document shows in its beginning, and the attention weights routing reads
+    grow with the square of the length); an empty text becomes the end-of-sequence token, so every input
+    has something to attend from."""
+    return [(tokenizer(t, add_special_tokens=False).input_ids or [tokenizer.eos_token_id])[:limit] for t in texts]
 
 
 def route_rows(model: nn.Module, kv: BankKV, rows: Sequence[Sequence[int]], by: str, layers: Sequence[int],

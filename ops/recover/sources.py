@@ -21,6 +21,7 @@ PACK_CHARS_PER_TOKEN = 8  # a packed training document holds at least this many 
 class Source:
     name: str
     texts: list[str]  # training texts (documents, or rendered question + answer)
+    inputs: list[str]  # what routing reads of each row (the question alone); the texts when not given apart
 
 
 def parse_source_spec(spec: str) -> tuple[str, str]:
@@ -49,28 +50,41 @@ def pack_texts(texts: list[str], seqlen: int) -> list[str]:
     return out
 
 
-def load_sources(data: str | list[str] | tuple[str, ...], field: str, docs: str,
-                 source_field: str | None = None) -> list[Source]:
+def load_sources(data: str | list[str] | tuple[str, ...], field: str, docs: str, source_field: str | None = None,
+                 input_field: str | None = None) -> list[Source]:
     """The training sources: one per `NAME=FILE` (or `FILE`), or one file split by `source_field` (sources in
-    order of first appearance); `docs` selects each file's records (START:END) before the split. Every
-    record is checked before any work starts."""
-    from ..core.records import load_texts, parse_range
+    order of first appearance); `docs` selects each file's records (START:END) before the split;
+    `input_field` names what routing reads of a row (default: `field`). Every record is checked before any
+    work starts."""
+    from ..core.records import parse_range
 
     specs = [data] if isinstance(data, str) else list(data)
     if not specs:
         raise UserError("--data: give at least one file")
+    need = (field, *((input_field,) if input_field else ()))
     if source_field:
         if len(specs) != 1:
             raise UserError("--source-field splits one --data file into sources; give one file")
-        by: dict[str, list[str]] = {}
-        for r in read_jsonl(specs[0], require=(field, source_field))[parse_range(docs)]:
-            by.setdefault(str(r.field(source_field)), []).append(r.field(field, str))
+        by: dict[str, list] = {}
+        for r in read_jsonl(specs[0], require=(*need, source_field))[parse_range(docs)]:
+            by.setdefault(str(r.field(source_field)), []).append(r)
         if not by:
             raise UserError(f"{specs[0]}: no records in range --docs {docs}")
-        return [Source(name, texts) for name, texts in by.items()]
+        return [_source(name, recs, field, input_field) for name, recs in by.items()]
     named = [parse_source_spec(s) for s in specs]
     names = [n for n, _ in named]
     if len(set(names)) < len(names):
         raise UserError(f"--data: two sources share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
                         "name them with NAME=FILE")
-    return [Source(name, load_texts(path, field, docs)) for name, path in named]
+    out = []
+    for name, path in named:
+        recs = read_jsonl(path, require=need)[parse_range(docs)]
+        if not recs:
+            raise UserError(f"{path}: no documents in range --docs {docs}")
+        out.append(_source(name, recs, field, input_field))
+    return out
+
+
+def _source(name: str, records: list, field: str, input_field: str | None) -> Source:
+    texts = [r.field(field, str) for r in records]
+    return Source(name, texts, [r.field(input_field, str) for r in records] if input_field else texts)

@@ -2,15 +2,16 @@
 
 Both train a few tensors in front of, or beside, a frozen model on windows of text: `kd`, the per-token
 KL(teacher || student) over the vocabulary with the dense model as teacher (the recovery setting), or
-`lm`, next-token cross-entropy. The loop is deterministic given the windows: step s always trains on
-windows [s*B, (s+1)*B) (wrapping around), so a run resumed from a checkpoint continues exactly as the
-uninterrupted run would have.
+`lm`, next-token cross-entropy. The loop is deterministic given the windows (torch's deterministic
+algorithms are on while it runs): step s always trains on windows [s*B, (s+1)*B) (wrapping around), so a
+run resumed from a checkpoint continues exactly as the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -102,7 +103,28 @@ StepLoss = Callable[[int], tuple[torch.Tensor, list[int]]]  # step -> (scalar lo
 
 def fit(params: dict[str, nn.Parameter], step_loss: StepLoss, steps: int, lr: float, weight_decay: float,
         state: TrainState, on_step: Callable[[StepLog, TrainState], None] | None = None) -> TrainState:
-    """AdamW on `params` from step state.step to `steps` (moments restored from state.adam)."""
+    """AdamW on `params` from step state.step to `steps` (moments restored from state.adam), under
+    torch's deterministic algorithms: with several CPU threads, a backward op otherwise accumulates in an
+    order that changes from run to run (two runs of 6 steps differed by 1e-5 in the prompts; with the
+    deterministic algorithms, and with one thread, they agree bit for bit)."""
+    with deterministic_algorithms():
+        return _fit(params, step_loss, steps, lr, weight_decay, state, on_step)
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """torch.use_deterministic_algorithms inside, warning (not failing) where an op has no deterministic
+    version (cuBLAS without CUBLAS_WORKSPACE_CONFIG); the caller's setting restored after."""
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
+
+
+def _fit(params: dict[str, nn.Parameter], step_loss: StepLoss, steps: int, lr: float, weight_decay: float,
+         state: TrainState, on_step: Callable[[StepLog, TrainState], None] | None) -> TrainState:
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
     for name, p in params.items():
         if f"{name}.exp_avg" in state.adam:

@@ -87,7 +87,10 @@ def test_sources_are_named_by_stem_or_name_and_split_by_field(tmp_path):
     mixed.write_bytes(b"".join(orjson.dumps({"text": t, "source": s}) + b"\n"
                                for s, t in [("x", "1"), ("y", "2"), ("x", "3")]))
     got = load_sources(str(mixed), "text", "", "source")
-    assert [(s.name, s.texts) for s in got] == [("x", ["1", "3"]), ("y", ["2"])]
+    assert [(s.name, s.texts, s.inputs) for s in got] == [("x", ["1", "3"], ["1", "3"]), ("y", ["2"], ["2"])]
+    mixed.write_bytes(b"".join(orjson.dumps({"text": t + " answer", "input": t, "source": "x"}) + b"\n" for t in "12"))
+    got = load_sources(str(mixed), "text", "", "source", input_field="input")  # routing statistics read "input"
+    assert got[0].texts == ["1 answer", "2 answer"] and got[0].inputs == ["1", "2"]
     with pytest.raises(UserError, match="share a name"):
         load_sources((str(a), f"letters={b}"), "text", "")
 
@@ -237,3 +240,20 @@ def test_builtin_sources_hold_out_rows_and_never_ask_an_evaluation_question():
     assert len(trivia) == 3000 - 268  # sm_sub shares 268 questions with test1000
     first = next(r for r in builtin_rows("science", str(DATA), "all") if r.id == "MCAS_2000_4_6")  # ARC-Easy dev's first
     assert first.text == "Question: Which technology was developed most recently?\nAnswer: cellular telephone"
+
+
+def test_training_runs_under_deterministic_algorithms_and_restores_the_setting():
+    """Two CPU threads made prompt training differ from run to run (an accumulating backward); the loop
+    turns torch's deterministic algorithms on while it runs and gives the caller's setting back."""
+    from rechannel.ops.recover.training import TrainState, fit
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    seen = []
+
+    def step_loss(step):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return ((p - 1.0) ** 2).sum(), []
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    state = fit({"p": p}, step_loss, 2, 0.1, 0.0, TrainState({"p": p.detach().clone()}))
+    assert seen == [True, True] and state.step == 2 and not torch.are_deterministic_algorithms_enabled()
