@@ -103,9 +103,8 @@ def router(route: Route, model=None, tokenizer=None, bank: Bank | None = None, l
     tokens as `encode_pair` makes them, no special tokens), in batches, with the bank's keys and values
     cached once; attention scores go through `calibration` (route_calibration.py). oracle picks the rows
     trained on the task's own source (`task_source` maps task names to source names; the best of the rows by
-    attention when there are several), random a
-    uniformly drawn row (a generator seeded once, so a run is reproducible). `with_scores` (attention,
-    entropy): each text's (row, raw scores (M,)) instead of its row."""
+    attention when there are several), random a uniformly drawn row (a generator seeded once, so a run is
+    reproducible). `with_scores` (attention, entropy): each text's (row, raw scores (M,)) instead of its row."""
     if route.kind == "fixed":
         return lambda texts, task: [route.index] * len(texts)
     if route.kind == "random":
