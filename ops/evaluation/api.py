@@ -290,7 +290,6 @@ def _document(config: EvalConfig, plan: _Plan, lm: Any, done: dict[str, _Done], 
     per_example = {name: {"id": [r["id"] for r in d.records], "score": [example_score(r) for r in d.records]}
                    for name, d in done.items() if "samples" in d.result}
     return {"results": {name: {"alias": name, **d.result} for name, d in done.items()},
-            "per_example": per_example,
             "n-samples": {name: d.n_samples for name, d in done.items()},
             "configs": {t.name: {"task": t.name, "kind": t.kind, "files": list(t.files), "template": t.template,
                                  "num_fewshot": 0} for t in chosen},
@@ -303,7 +302,8 @@ def _document(config: EvalConfig, plan: _Plan, lm: Any, done: dict[str, _Done], 
                        "seqlen": config.seqlen, "stride": config.stride, "device": str(lm.model.device),
                        "dtype": str(lm.model.dtype).removeprefix("torch."), "loader": config.loader,
                        "compression": getattr(lm.model.config, "rechannel", None), **extra,
-                       "extra_parameters": sum(v.get("parameters", 0) for v in extra.values())}}
+                       "extra_parameters": sum(v.get("parameters", 0) for v in extra.values())},
+            "per_example": per_example}
 
 
 def _attention_profile(config: EvalConfig, plan: _Plan, lm: Any, cond: Any) -> dict[str, Any] | None:

@@ -47,7 +47,7 @@ def test_evaluate_returns_what_the_cli_writes(tiny_model, tmp_path):
     samples = doc.pop("samples")
     # through JSON, as the CLI writes it: tuples become lists, and both sides compare as the same types
     assert _untimed(json.loads(json.dumps(doc))) == _untimed(cli_doc)
-    assert list(doc) == ["results", "n-samples", "configs", "config", "attention_profile"]
+    assert list(doc) == ["results", "n-samples", "configs", "config", "per_example", "attention_profile"]
     assert json.loads(json.dumps(samples)) == {"mine": cli_records} and len(cli_records) == 3
 
     streamed = []
