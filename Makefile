@@ -103,6 +103,8 @@ IDP_LIMIT   ?= 500
 # run alone, 2026-12-03: arc_easy 0.502, piqa 0.650, lambada 0.292, triviaqa 0.012; not arc_challenge 0.228,
 # boolq 0.410, openbookqa 0.202, winogrande 0.510, commonsenseqa 0.188); `table --recovery` checks it again
 IDP_TASKS   ?= arc_easy,piqa,lambada,triviaqa
+comma       := ,
+IDP_METRICS  = acc,$(if $(findstring triviaqa,$(IDP_TASKS)),exact_match$(comma))ppl
 LORA_RANK   ?= 8
 IDP_RUNS    := $(foreach m,$(IDP_MODELS),$(m) $(m).prompt1 $(m).bank $(m).oracle $(m).lora)
 TRAIN_ARGS   = --data $(OUT)/sources.train.jsonl --source-field source --input-field input --steps $(IDP_STEPS) --batch $(IDP_BATCH) \
@@ -115,8 +117,8 @@ idp-table: install $(OUT)/dense.idp.json $(IDP_RUNS:%=$(OUT)/%.idp.json) $(IDP_M
 	  print(sys.argv[2] + ': accuracy', a['accuracy'], '(chance', str(a['chance']) + '), per source', a['per_source'], '; shares', s['shares'])" \
 	  $(OUT)/$$m.routing.json $$m; done
 	@echo "== IDP: a prompt of $(IDP_LEN) per source ($(IDP_SOURCES)) vs one prompt vs LoRA r=$(LORA_RANK); $(IDP_STEPS) steps of $(IDP_BATCH) x $(IDP_SEQLEN) tokens per source; first $(IDP_LIMIT) examples per task"
-	$(RC) table $(OUT)/dense.idp.json $(IDP_RUNS:%=$(OUT)/%.idp.json) --metrics acc,exact_match,ppl --recovery --transpose
-	@$(RC) table $(OUT)/dense.idp.json $(IDP_RUNS:%=$(OUT)/%.idp.json) --metrics acc,exact_match,ppl --recovery --transpose --markdown > $(OUT)/idp-table.md
+	$(RC) table $(OUT)/dense.idp.json $(IDP_RUNS:%=$(OUT)/%.idp.json) --metrics $(IDP_METRICS) --recovery --transpose
+	@$(RC) table $(OUT)/dense.idp.json $(IDP_RUNS:%=$(OUT)/%.idp.json) --metrics $(IDP_METRICS) --recovery --transpose --markdown > $(OUT)/idp-table.md
 
 $(OUT)/sources.%.jsonl: | install
 	@mkdir -p $(OUT)
