@@ -10,13 +10,13 @@ CI = "95% CI"
 
 def recovery_with_intervals(rows: list[dict[str, Any]], docs: list[dict[str, Any]], fps: list[Any], dense: int,
                             columns: list[str]) -> list[str]:
-    """Fill avg, recovered and their intervals into `rows`; replace the task columns by the tasks that count
-    (with their Wilson intervals beside them); the notes say which tasks were left out and what the paired
-    tests found."""
+    """Fill avg, recovered and their intervals into `rows`; give each counted task's columns its Wilson interval
+    column beside them (the tasks left out keep theirs, unaveraged); the notes say which tasks were left out
+    and what the paired tests found."""
     from ..ops.evaluation.compare import compare, role, verdict
 
     c = compare(docs, dense)
-    _keep_counted_tasks(columns, c.tasks)
+    _add_interval_columns(columns, c.tasks)
     for i, row in enumerate(rows):
         stats = c.runs.get(i)
         row["avg"] = stats.average.value if stats else None
@@ -58,7 +58,7 @@ def _insert_after(columns: list[str], anchor: str, new: str) -> None:
         columns.insert(columns.index(anchor) + 1 if anchor in columns else len(columns), new)
 
 
-def _keep_counted_tasks(columns: list[str], tasks: list[str]) -> None:
+def _add_interval_columns(columns: list[str], tasks: list[str]) -> None:
     """Each counted task's metric columns gain its interval column; perplexity and size stay."""
     for task in tasks:
         mine = [c for c in columns if c.split(" ")[0] == task]
