@@ -104,7 +104,8 @@ def check_train_outputs(config: TrainConfig) -> None:
     from .sources import parse_source_spec
 
     specs = [config.data] if isinstance(config.data, str) else list(config.data)
-    ins = [*(Input("--data", parse_source_spec(d)[1]) for d in specs), *(Input("--model", p) for p in model_paths(config.model)),
+    ins = [*(Input("--data", parse_source_spec(d)[1]) for d in specs),
+           *(Input("--model", p) for p in model_paths(config.model)),
            *(Input("--teacher", p) for p in (model_paths(config.teacher) if config.teacher else []))]
     check_outputs(outs, ins)
 
@@ -230,7 +231,6 @@ class BankJob:
             write_peft(c.export_peft, peft_prompt_config(bank[c.member], self.lm.model.config, provenance.model),
                        {"prompt_embeddings": bank[c.member]})  # (P, d)
         return {**extra, "peft": c.export_peft}
-
 
     def _routing_stats(self, bank: torch.Tensor) -> dict[str, torch.Tensor]:
         """For calibrated routing: the mean and standard deviation of each row's attention score over each
