@@ -104,6 +104,7 @@ def eval_command(
 
     Multiple choice is scored by the log-likelihood of each choice after the context (acc, and acc_norm dividing by the choice's length), with the context computed once per example; templates follow lm-evaluation-harness. Perplexity is exp(mean window NLL) over non-overlapping windows of --seqlen tokens, as GPTQ, SparseGPT and Wanda compute it.
     """
+    from ..ops.core.distributed import world
     from ..ops.evaluation.api import EvalConfig, evaluate
     from .console import bars
     from .jsonl import STDIO, JsonlWriter, write_json
@@ -112,6 +113,9 @@ def eval_command(
                         batch_size=batch_size, seqlen=seqlen, stride=stride, prompts=prompts, route=route,
                         calibration=calibration, layers=layers, adapter=adapter, attention_profile=attention_profile, output=output,
                         model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, loader=loader)
+    if not world().main:  # under torchrun, rank 0 writes the records, the document and the summary
+        evaluate(config, on_record=lambda r: None, load=options.load)
+        return
     with JsonlWriter(STDIO) as out, bars() as report:  # records on stdout as each task finishes
         doc = evaluate(config, report, on_record=out.write, load=options.load)
     _summary(doc["results"])

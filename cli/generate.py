@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated
 
 import typer
@@ -38,7 +39,7 @@ def generate_command(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 32,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy; above 0 samples.")] = 0.0,
     stop: Annotated[list[str] | None, typer.Option(help="Cut the completion at this string (repeatable).")] = None,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Sampling seed (under torchrun, rank r samples with seed + r).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward batch.")] = 8,
     model: options.Model = "smollm2-135m",
     device: options.Device = "auto",
@@ -53,17 +54,43 @@ def generate_command(
       echo '{"id": 7, "prompt": "2 + 2 ="}' | rechannel generate | jq -r .completion
       rechannel generate -i questions.jsonl --field question --stop $'\\n' -o answers.jsonl
     """
-    from ..ops.core.generate import GenerateConfig, check_prompt_lengths, complete
+    from ..ops.core.distributed import join, refuse_stdin, together
+    from ..ops.core.generate import GenerateConfig
     from ..ops.core.models import model_paths
     from ..ops.core.outputs import Input, Output, check_outputs
     from .jsonl import JsonlWriter
 
-    check_outputs([Output("-o", output)], [Input("--input", input or ""), *(Input("--model", p) for p in model_paths(model))])
-    records, where = _inputs(prompts or [], input, field)
-    cfg = GenerateConfig(max_new_tokens, temperature, seed, batch_size, tuple(stop or ()))
-    lm = options.load(model, device, dtype, trust_remote_code)
-    texts = [r[field] for r in records]
-    check_prompt_lengths(lm.tokenizer, lm.model.config, texts, max_new_tokens, where)
+    world = join()
+
+    def read() -> tuple[list[dict], list[str]]:
+        check_outputs([Output("-o", output)], [Input("--input", input or ""), *(Input("--model", p) for p in model_paths(model))])
+        if not prompts:
+            refuse_stdin("--input", input, world)
+        return _inputs(prompts or [], input, field)
+
+    records, where = together(read, world)  # every rank reads and checks the input
+    cfg = GenerateConfig(max_new_tokens, temperature, seed + world.rank, batch_size, tuple(stop or ()))
+    done = _completions([r[field] for r in records], where, cfg, (model, device, dtype, trust_remote_code), world)
+    if not world.main:  # under torchrun, rank 0 writes
+        return
     with JsonlWriter(output) as out:
-        for rec, (text, n) in zip(records, complete(lm.model, lm.tokenizer, texts, cfg), strict=True):
+        for rec, (text, n) in zip(records, done, strict=True):
             out.write({**rec, "completion": text, "completion_tokens": n})
+
+
+def _completions(texts: list[str], where: list[str], cfg, model: tuple, world) -> Iterable[tuple[str, int]]:
+    """(completion, new tokens) of every text in input order: streamed as they come in a single process;
+    under torchrun each rank completes its contiguous share and every rank gets all of them back."""
+    from ..ops.core.distributed import concat, gather, sharded
+    from ..ops.core.generate import check_prompt_lengths, complete
+
+    def shard() -> Iterable[tuple[str, int]]:
+        mine = sharded(range(len(texts)), world, "prompts")
+        lm = options.load(*model)
+        check_prompt_lengths(lm.tokenizer, lm.model.config, [texts[i] for i in mine], cfg.max_new_tokens,
+                             [where[i] for i in mine])
+        return complete(lm.model, lm.tokenizer, [texts[i] for i in mine], cfg)
+
+    if world.size == 1:
+        return shard()
+    return concat(gather(lambda: list(shard()), world))

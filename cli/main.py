@@ -95,6 +95,21 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+def _leave() -> None:
+    """Close the torchrun process group if the command joined one (only then is torch imported)."""
+    if "torch.distributed" in sys.modules:
+        from ..ops.core.distributed import leave
+
+        leave()
+
+
+def _speaks(e: UserError) -> bool:
+    """Under torchrun a failure gathered from the ranks is raised on each of them: rank 0 alone prints it."""
+    from ..ops.core.distributed import RankFailed, world
+
+    return not isinstance(e, RankFailed) or world().main
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("RECHANNEL_DEBUG"))
@@ -109,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        if _speaks(e):
+            print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:
         _quiet_stdout()
@@ -124,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {type(e).__name__}: {_one_line(e)} (run again with --debug for the traceback)",
                   file=sys.stderr)
         sys.exit(1)
+    finally:
+        _leave()
 
 
 if __name__ == "__main__":

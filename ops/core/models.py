@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .distributed import rank_device
 from .errors import UserError, did_you_mean, unknown_choice
 from .fingerprint import model_fingerprint, weight_files
 from .tensorfile import read_header
@@ -265,7 +266,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
         raise unknown_choice("loader", loader, LOADERS)
     go_offline()
     path = prepare(spec)
-    device = resolve_device(device)
+    device = resolve_device(rank_device(device))  # under torchrun: this rank's own GPU
     torch_dtype = resolve_dtype(dtype, device)
     from transformers import AutoTokenizer
 

@@ -170,6 +170,21 @@ class _Session:
     cond: Any  # evaluator.Conditioning: what goes in front of every example
     config: EvalConfig
     token_budget: int | None  # at most this many padded tokens per forward batch (auto batch size on a CPU)
+    world: Any = None  # ops.core.distributed.World: which shard of each task is this process's
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One rank's part of one task (the whole task in a single process): its records in input order, the
+    tokens it put through the model and its wall time; for perplexity also the windows and their NLL sums."""
+
+    records: list[Record]
+    tokens: int
+    seconds: float
+    original: int  # the task's size before --limit (windows for perplexity)
+    windows: list[Any] = field(default_factory=list)  # perplexity.Window, this shard's
+    sums: list[float] = field(default_factory=list)  # perplexity: summed NLL of each of them
+    text_tokens: int = 0  # perplexity: the tokens of the whole text
 
 
 @dataclass(frozen=True)
@@ -188,36 +203,44 @@ def _window_prompts(lm: Any, cond: Any) -> Callable[[Any], Any] | None:
     return lambda ids: cond.prompts[cond.rows([lm.tokenizer.decode(w) for w in ids.tolist()], [])]
 
 
-def _run_ppl(s: _Session, task: Any, text: str, batch_size: int, advance: Callable[[int], None]) -> _Done:
-    """Perplexity of `text` over non-overlapping (or, with a stride, sliding) windows; one record per window,
-    made once the task is done, so a retry at a smaller batch repeats no window."""
-    from .perplexity import perplexity, sliding_perplexity
+def _run_ppl(s: _Session, task: Any, text: str, batch_size: int, advance: Callable[[int], None]) -> _Shard:
+    """This shard's windows of `text` (non-overlapping, or with a stride sliding); one record per window, made
+    once the shard is done, so a retry at a smaller batch repeats no window."""
+    from ..core.distributed import sharded
+    from .perplexity import plain_windows, sliding_windows, window_nll_sums
 
     lm, seqlen, stride = s.lm, s.config.seqlen, s.config.stride
     limit = s.config.windows if s.config.windows is not None else s.config.limit
     t0 = time.perf_counter()
     stream = lm.tokenizer(text, return_tensors="pt").input_ids[0]  # (N,)
-    nlls: list[float] = []
-
-    def record(batch_nll):  # (B,) mean NLL of each window of a batch
-        nlls.extend(batch_nll.tolist())
-        advance(len(batch_nll))
-
-    if stride:
-        res = sliding_perplexity(lm.model, stream, seqlen, stride, limit, on_windows=record)
-    else:
-        res = perplexity(lm.model, stream, seqlen, limit, batch_size, on_windows=record,
-                         prompts=_window_prompts(lm, replace(s.cond, task=task.name)))
-    seconds = time.perf_counter() - t0
+    every = sliding_windows(stream.numel(), seqlen, stride, limit) if stride else plain_windows(stream.numel(), seqlen, limit)
+    first = s.world.shard(len(every)).start
+    mine = sharded(every, s.world, f"{task.name} windows")
+    sums = window_nll_sums(lm.model, stream, mine, 1 if stride else batch_size, lambda nll: advance(len(nll)),
+                           None if stride else _window_prompts(lm, replace(s.cond, task=task.name)))
+    nlls = [total / w.scored for total, w in zip(sums, mine, strict=True)]
     if any(v != v for v in nlls):  # NaN: exp would report it as a perplexity
         raise UserError(f"{task.name}: {sum(v != v for v in nlls)} of {len(nlls)} windows have a NaN loss; the "
                         "model's outputs are not numbers (damaged weights, or float16 overflow: try --dtype float32)")
-    result = {"ppl,none": res.perplexity, "ppl_stderr,none": None if stride else _ppl_stderr(res.perplexity, nlls),
-              "nll,none": res.mean_nll, "windows": res.windows, "seqlen": seqlen, "stride": stride,
-              "tokens_scored": res.tokens_scored, "text_tokens": stream.numel(), "seconds": round(seconds, 2),
-              "tokens_per_s": round(res.tokens_scored / seconds, 1)}
-    return _Done(result, {"original": stream.numel() // seqlen, "effective": res.windows},
-                 [{"task": task.name, "window": i, "nll": v} for i, v in enumerate(nlls)])
+    records = [{"task": task.name, "window": first + i, "nll": v} for i, v in enumerate(nlls)]
+    return _Shard(records, sum(w.end - w.begin for w in mine), time.perf_counter() - t0, stream.numel() // seqlen,
+                  mine, sums, stream.numel())
+
+
+def _finish_ppl(config: EvalConfig, shards: list[_Shard]) -> _Done:
+    """The perplexity of all shards' windows together, as one process would have computed it."""
+    from ..core.distributed import concat
+    from .perplexity import summarize
+
+    windows, records = concat([p.windows for p in shards]), concat([p.records for p in shards])
+    res = summarize(concat([p.sums for p in shards]), windows, config.seqlen)
+    seconds = max(p.seconds for p in shards)
+    result = {"ppl,none": res.perplexity,
+              "ppl_stderr,none": None if config.stride else _ppl_stderr(res.perplexity, [r["nll"] for r in records]),
+              "nll,none": res.mean_nll, "windows": res.windows, "seqlen": config.seqlen, "stride": config.stride,
+              "tokens_scored": res.tokens_scored, "text_tokens": shards[0].text_tokens,
+              "seconds": round(seconds, 2), "tokens_per_s": round(res.tokens_scored / seconds, 1)}
+    return _Done(result, {"original": shards[0].original, "effective": res.windows}, records)
 
 
 def chance_level(kind: str, records: list[Record]) -> float:
@@ -232,36 +255,49 @@ def example_score(record: Record) -> float:
     return float(record["acc"] if "acc" in record else record["exact_match"])
 
 
-def _run_examples(s: _Session, task: Any, examples: list, batch_size: int, advance: Callable[[int], None]) -> _Done:
-    """A task scored per example (multiple choice, partial, last word, QA; the first `limit` examples) and its
-    throughput."""
+def _run_examples(s: _Session, task: Any, examples: list, batch_size: int, advance: Callable[[int], None]) -> _Shard:
+    """This shard of a task scored per example (multiple choice, partial, last word, QA; of the first `limit`
+    examples)."""
+    from ..core.distributed import sharded
     from .evaluator import Scoring, run_choice_task, run_qa_task
 
-    lm, picked = s.lm, examples[:s.config.limit] if s.config.limit else examples
+    lm = s.lm
+    picked = sharded(examples[:s.config.limit] if s.config.limit else examples, s.world, f"{task.name} examples")
     cond = replace(s.cond, task=task.name)
     if task.kind == "qa":
         run = run_qa_task(lm.model, lm.tokenizer, task.name, picked, batch_size, cond, advance)
     else:
         run = run_choice_task(lm.model, lm.tokenizer, task.name, task.kind, picked, batch_size, cond,
                               Scoring(s.token_budget, advance))
-    n = len(run.records)
-    result = {**run.metrics, "samples": n, "seconds": round(run.seconds, 2),
-              "examples_per_s": round(n / run.seconds, 2), "tokens_per_s": round(run.tokens / run.seconds, 1),
-              "seconds_per_example": round(run.seconds / n, 4)}
-    result["chance"] = chance_level(task.kind, run.records)
-    if cond.prompts is not None:
+    return _Shard(run.records, run.tokens, run.seconds, len(examples))
+
+
+def _finish_examples(task: Any, shards: list[_Shard], routing: tuple[int, list[str] | None] | None) -> _Done:
+    """A per-example task's metrics over all shards' records, its throughput (wall time: the slowest shard) and,
+    with a prompt bank (`routing` = (prompts, their sources)), which prompts the examples were routed to."""
+    from ..core.distributed import concat
+    from .evaluator import task_metrics
+
+    records = concat([p.records for p in shards])
+    n, seconds, tokens = len(records), max(p.seconds for p in shards), sum(p.tokens for p in shards)
+    result = {**task_metrics(task.kind, records), "samples": n, "seconds": round(seconds, 2),
+              "examples_per_s": round(n / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+              "seconds_per_example": round(seconds / n, 4)}
+    result["chance"] = chance_level(task.kind, records)
+    if routing is not None:
         from ..recover.routing_report import routing_report
         from .sources import TASK_SOURCE
 
-        result["routing"] = routing_report([r["prompt"] for r in run.records], len(cond.prompts),
-                                           cond.row_sources, TASK_SOURCE.get(task.name))
-    return _Done(result, {"original": len(examples), "effective": n}, run.records)
+        result["routing"] = routing_report([r["prompt"] for r in records], routing[0], routing[1],
+                                           TASK_SOURCE.get(task.name))
+    return _Done(result, {"original": shards[0].original, "effective": n}, records)
 
 
-def _run_task(s: _Session, task: Any, data: Any, requested: int | None, progress: Progress) -> tuple[_Done, int]:
-    """One task at the requested batch size (auto: the largest that fits); (the finished task, batch used)."""
+def _run_task(s: _Session, task: Any, data: Any, requested: int | None, progress: Progress) -> tuple[_Shard, int]:
+    """This rank's shard of one task at the requested batch size (auto: the largest that fits); (the shard,
+    batch used)."""
 
-    def run(b: int) -> _Done:
+    def run(b: int) -> _Shard:
         progress(task.name, total=None)  # a retry at a smaller batch starts over
         advance = lambda n: progress(task.name, advance=n)  # noqa: E731
         if task.kind == "ppl":
@@ -281,27 +317,35 @@ def _load(config: EvalConfig, load: Loader | None) -> Any:
                 **loader)
 
 
-def _document(config: EvalConfig, plan: _Plan, lm: Any, done: dict[str, _Done], used_batch: dict[str, int],
-              extra: dict[str, Any]) -> dict[str, Any]:
-    """The results document in lm-evaluation-harness's layout: results, n-samples, configs, config."""
+def _model_meta(lm: Any) -> dict[str, Any]:
+    """What the results document says about the model that ran."""
+    return {"model_path": str(lm.path), "fingerprint": lm.fingerprint,
+            "model_bytes": sum(f.stat().st_size for f in lm.path.glob("*.safetensors")),
+            "device": str(lm.model.device), "dtype": str(lm.model.dtype).removeprefix("torch."),
+            "compression": getattr(lm.model.config, "rechannel", None)}
+
+
+def _document(config: EvalConfig, plan: _Plan, local: _Local, done: dict[str, _Done], world_size: int
+              ) -> dict[str, Any]:
+    """The results document in lm-evaluation-harness's layout: results, n-samples, configs, config (rank 0's
+    model, device and batch sizes; `world_size` processes shared the examples)."""
     from ..core.version import __version__
 
-    chosen = plan.tasks
+    chosen, meta, extra = plan.tasks, local.meta, local.extra
     per_example = {name: {"id": [r["id"] for r in d.records], "score": [example_score(r) for r in d.records]}
                    for name, d in done.items() if "samples" in d.result}
     return {"results": {name: {"alias": name, **d.result} for name, d in done.items()},
             "n-samples": {name: d.n_samples for name, d in done.items()},
             "configs": {t.name: {"task": t.name, "kind": t.kind, "files": list(t.files), "template": t.template,
                                  "num_fewshot": 0} for t in chosen},
-            "config": {"model": config.model, "model_path": str(lm.path), "fingerprint": lm.fingerprint,
-                       "model_bytes": sum(f.stat().st_size for f in lm.path.glob("*.safetensors")),
-                       "rechannel": __version__, "tasks": [t.name for t in chosen], "data": config.data,
-                       "data_dir": config.data_dir, "limit": config.limit,
+            "config": {"model": config.model, "model_path": meta["model_path"], "fingerprint": meta["fingerprint"],
+                       "model_bytes": meta["model_bytes"], "rechannel": __version__, "tasks": [t.name for t in chosen],
+                       "data": config.data, "data_dir": config.data_dir, "limit": config.limit,
                        "windows": config.windows if config.windows is not None else config.limit,
-                       "batch_size": config.batch_size, "batch_size_used": used_batch,
-                       "seqlen": config.seqlen, "stride": config.stride, "device": str(lm.model.device),
-                       "dtype": str(lm.model.dtype).removeprefix("torch."), "loader": config.loader,
-                       "compression": getattr(lm.model.config, "rechannel", None), **extra,
+                       "batch_size": config.batch_size, "batch_size_used": local.used_batch,
+                       "seqlen": config.seqlen, "stride": config.stride, "device": meta["device"],
+                       "world_size": world_size, "dtype": meta["dtype"], "loader": config.loader,
+                       "compression": meta["compression"], **extra,
                        "extra_parameters": sum(v.get("parameters", 0) for v in extra.values())},
             "per_example": per_example}
 
@@ -333,33 +377,66 @@ def _prepare(config: EvalConfig, lm: Any) -> tuple[Any, dict[str, Any]]:
     return cond, extra
 
 
+@dataclass(frozen=True)
+class _Local:
+    """What one rank brings back: its shard of every task, and (rank 0's are used) the batch sizes, the model's
+    description, the bank's rows and sources, and the attention profile."""
+
+    shards: dict[str, _Shard]
+    used_batch: dict[str, int]
+    meta: dict[str, Any]
+    extra: dict[str, Any]  # what the adapter and the prompt bank add to the config record
+    routing: tuple[int, list[str] | None] | None  # with a bank: (its prompts, their sources)
+    profile: dict[str, Any] | None
+
+
+def _run_local(config: EvalConfig, plan: _Plan, load: Loader | None, progress: Progress,
+               stream: Callable[[Record], None] | None, world: Any) -> _Local:
+    """Load the model on this rank's device and run this rank's shard of every task; with `stream` (a single
+    process), each task's records go to it as soon as the task is done."""
+    lm = _load(config, load)
+    cond, extra = _prepare(config, lm)
+    budget = CPU_TOKENS if plan.batch_size is None and lm.model.device.type == "cpu" else None
+    session = _Session(lm, cond, config, budget, world)
+    shards: dict[str, _Shard] = {}
+    used: dict[str, int] = {}
+    for task in plan.tasks:
+        shards[task.name], used[task.name] = _run_task(session, task, plan.data[task.name], plan.batch_size, progress)
+        for r in shards[task.name].records if stream else ():
+            stream(r)
+    routing = (len(cond.prompts), cond.row_sources) if cond.prompts is not None else None
+    profile = _attention_profile(config, plan, lm, cond) if world.main else None
+    return _Local(shards, used, _model_meta(lm), extra, routing, profile)
+
+
+def _finish(config: EvalConfig, task: Any, parts: list[_Local]) -> _Done:
+    shards = [p.shards[task.name] for p in parts]
+    return _finish_ppl(config, shards) if task.kind == "ppl" else _finish_examples(task, shards, parts[0].routing)
+
+
 def evaluate(config: EvalConfig, progress: Progress = silent, on_record: Callable[[Record], None] | None = None,
              load: Loader | None = None) -> dict[str, Any]:
     """Evaluate the model on the configured tasks and return the results document `rechannel eval -o` writes.
 
     Records reach `on_record` task by task, each task's once it is done (a retry at a smaller batch after a
     GPU out-of-memory error repeats none); without `on_record` they are returned under "samples". `load`
-    replaces ops.core.models.load_model (same keywords)."""
-    plan = _plan(config)  # every input is read and checked before the model loads
-    lm = _load(config, load)
-    cond, extra = _prepare(config, lm)
-    budget = CPU_TOKENS if plan.batch_size is None and lm.model.device.type == "cpu" else None
-    session = _Session(lm, cond, config, budget)
-    done: dict[str, _Done] = {}
-    used_batch: dict[str, int] = {}
-    samples: dict[str, list[Record]] = {}
-    for task in plan.tasks:
-        finished, used_batch[task.name] = _run_task(session, task, plan.data[task.name], plan.batch_size, progress)
-        done[task.name] = finished
-        if on_record is None:
-            samples.setdefault(task.name, []).extend(finished.records)
-        else:
-            for r in finished.records:
-                on_record(r)
-    doc = _document(config, plan, lm, done, used_batch, extra)
-    profile = _attention_profile(config, plan, lm, cond)
-    if profile is not None:
-        doc["attention_profile"] = profile
+    replaces ops.core.models.load_model (same keywords).
+
+    Under torchrun each rank checks the inputs, runs its contiguous shard of every task (World.shard) on its
+    own device, and every rank gets back all records in input order and returns the same document; the
+    records reach `on_record` once all ranks are done. A failure on any rank is raised on every rank."""
+    from ..core.distributed import gather, global_progress, join, together
+
+    world = join()
+    plan = together(lambda: _plan(config), world)  # every input is read and checked before the model loads
+    stream = on_record if world.size == 1 else None
+    parts = gather(lambda: _run_local(config, plan, load, global_progress(progress, world), stream, world), world)
+    done = {task.name: _finish(config, task, parts) for task in plan.tasks}
+    for r in (r for d in done.values() for r in d.records) if on_record and not stream else ():
+        on_record(r)
+    doc = _document(config, plan, parts[0], done, world.size)
+    if parts[0].profile is not None:
+        doc["attention_profile"] = parts[0].profile
     if on_record is None:
-        doc["samples"] = samples
+        doc["samples"] = {name: d.records for name, d in done.items()}
     return doc

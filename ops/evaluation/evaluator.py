@@ -69,6 +69,9 @@ class TaskRun:
     seconds: float
 
 
+METRICS = {"mc": ["acc", "acc_norm"], "partial": ["acc"], "lastword": ["acc"], "qa": ["exact_match", "f1"]}
+
+
 def _aggregate(records: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for name in names:
@@ -76,6 +79,16 @@ def _aggregate(records: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[
         out[f"{name},none"] = sum(values) / len(values)
         out[f"{name}_stderr,none"] = mean_stderr(values)
     return out
+
+
+def task_metrics(kind: str, records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """A task's metrics from its per-example records alone (so that shards run apart aggregate as one run):
+    mean and standard error of each per-example score, and LAMBADA's perplexity of the last word."""
+    metrics = _aggregate(records, METRICS[kind])
+    if kind == "lastword":
+        mean_ll = sum(r["loglik"] for r in records) / len(records)
+        metrics["perplexity,none"] = math.exp(-mean_ll) if -mean_ll < 700 else math.inf
+    return metrics
 
 
 def _refuse_nonfinite(task: str, logliks: Sequence[Sequence[float]]) -> None:
@@ -126,10 +139,7 @@ def run_choice_task(model: nn.Module, tokenizer: Any, task: str, kind: str, exam
         if cond.prompts is not None:
             rec["prompt"] = units[slots[0][0]].prompt
         records.append(rec)
-    metrics = _aggregate(records, {"mc": ["acc", "acc_norm"], "partial": ["acc"], "lastword": ["acc"]}[kind])
-    if kind == "lastword":
-        mean_ll = sum(r["loglik"] for r in records) / len(records)
-        metrics["perplexity,none"] = math.exp(-mean_ll) if -mean_ll < 700 else math.inf
+    metrics = task_metrics(kind, records)
     tokens = sum(len(u.prefix) + sum(map(len, u.suffixes)) for u in units)
     return TaskRun(records, metrics, tokens, time.perf_counter() - t0)
 
@@ -193,7 +203,7 @@ def run_qa_task(model: nn.Module, tokenizer: Any, task: str, examples: Sequence[
         records.append({"task": task, "id": ex.id, "prediction": answer, "correct": bool(m["exact_match"]), **m})
         if cond.prompts is not None:
             records[-1]["prompt"] = routes[len(records) - 1]
-    return TaskRun(records, _aggregate(records, ["exact_match", "f1"]), tokens, time.perf_counter() - t0)
+    return TaskRun(records, task_metrics("qa", records), tokens, time.perf_counter() - t0)
 
 
 def attention_profile(model: nn.Module, tokenizer: Any, examples: Sequence[ChoiceExample],

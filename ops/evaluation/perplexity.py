@@ -60,33 +60,81 @@ def nll_sum(model: nn.Module, ids: torch.Tensor, first_target: int = 1, soft: to
     return total
 
 
-def window_nll(model: nn.Module, ids: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token negative log-likelihood of each window. ids (B, T) -> (B,) float32"""
-    return nll_sum(model, ids, soft=soft) / (ids.shape[1] - 1)
+@dataclass(frozen=True)
+class Window:
+    """stream[begin:end] through the model, scoring the targets from position `first` of the window on."""
+
+    begin: int
+    end: int
+    first: int
+
+    @property
+    def scored(self) -> int:
+        return self.end - self.begin - self.first
+
+
+def plain_windows(n_tokens: int, seqlen: int, limit: int | None = None) -> list[Window]:
+    """The first `limit` (all when None) non-overlapping windows of `seqlen` tokens; the tail is dropped."""
+    n = n_tokens // seqlen if limit is None else min(n_tokens // seqlen, limit)
+    if n == 0:
+        raise UserError(f"the text has {n_tokens} tokens, fewer than one window of --seqlen {seqlen}")
+    return [Window(i * seqlen, (i + 1) * seqlen, 1) for i in range(n)]
+
+
+def sliding_windows(n_tokens: int, seqlen: int, stride: int, limit: int | None = None) -> list[Window]:
+    """A window of `seqlen` tokens every `stride`, each scoring only the tokens no earlier window scored, so
+    every token but the first is scored once with up to seqlen - 1 tokens of context (the Hugging Face recipe)."""
+    if not 0 < stride <= seqlen:
+        raise UserError(f"--stride {stride}: must be between 1 and --seqlen {seqlen}")
+    if n_tokens < 2:
+        raise UserError("the text has fewer than two tokens")
+    out: list[Window] = []
+    prev_end = 0
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + seqlen, n_tokens)
+        out.append(Window(begin, end, max(prev_end, begin + 1) - begin))
+        prev_end = end
+        if end == n_tokens or (limit is not None and len(out) >= limit):
+            break
+    return out
+
+
+def window_nll_sums(model: nn.Module, stream: torch.Tensor, windows: list[Window], batch_size: int = 1,
+                    on_windows: Callable[[torch.Tensor], None] | None = None,
+                    prompts: SoftPrompts | None = None) -> list[float]:
+    """Summed NLL (float64) of each window's scored tokens; windows of one shape run `batch_size` at a time.
+    `on_windows` gets each batch's mean NLL per window, (B,)."""
+    device = next(model.parameters()).device
+    sums: list[float] = []
+    i = 0
+    while i < len(windows):
+        w = windows[i]
+        j = i + 1
+        while j < min(len(windows), i + batch_size) and (windows[j].end - windows[j].begin, windows[j].first) == \
+                (w.end - w.begin, w.first):
+            j += 1
+        batch = torch.stack([stream[v.begin:v.end] for v in windows[i:j]])  # (B, T)
+        soft = prompts(batch) if prompts else None
+        nll = nll_sum(model, batch.to(device), w.first, soft).double().cpu()  # (B,)
+        sums.extend(nll.tolist())
+        if on_windows:
+            on_windows(nll / w.scored)
+        i = j
+    return sums
+
+
+def summarize(sums: list[float], windows: list[Window], seqlen: int) -> PerplexityResult:
+    """ppl = exp(total NLL / tokens scored): for non-overlapping windows, the mean of the window means."""
+    scored = sum(w.scored for w in windows)
+    mean = sum(sums) / scored
+    return PerplexityResult(math.inf if mean >= 700 else math.exp(mean), mean, len(windows), seqlen, scored)
 
 
 def sliding_perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, stride: int, limit: int | None = None,
                        on_windows: Callable[[torch.Tensor], None] | None = None) -> PerplexityResult:
-    """Perplexity with overlapping windows: a window of `seqlen` tokens every `stride`, each scoring only the
-    tokens no earlier window scored, so every token but the first is scored once with up to seqlen - 1
-    tokens of context (the Hugging Face recipe). ppl = exp(total NLL / tokens scored)."""
-    if not 0 < stride <= seqlen:
-        raise UserError(f"--stride {stride}: must be between 1 and --seqlen {seqlen}")
-    if stream.numel() < 2:
-        raise UserError("the text has fewer than two tokens")
-    device = next(model.parameters()).device
-    total, scored, windows, prev_end = 0.0, 0, 0, 0
-    for begin in range(0, stream.numel() - 1, stride):
-        end = min(begin + seqlen, stream.numel())
-        first = max(prev_end, begin + 1) - begin  # first target inside this window
-        nll = nll_sum(model, stream[begin:end].view(1, -1).to(device), first).double().cpu()  # (1,)
-        total, scored, windows, prev_end = total + nll.item(), scored + end - begin - first, windows + 1, end
-        if on_windows:
-            on_windows(nll / (end - begin - first))
-        if end == stream.numel() or (limit is not None and windows >= limit):
-            break
-    mean = total / scored
-    return PerplexityResult(math.inf if mean >= 700 else math.exp(mean), mean, windows, seqlen, scored)
+    """Perplexity with overlapping windows (sliding_windows), ppl = exp(total NLL / tokens scored)."""
+    windows = sliding_windows(stream.numel(), seqlen, stride, limit)
+    return summarize(window_nll_sums(model, stream, windows, 1, on_windows), windows, seqlen)
 
 
 def perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, limit: int | None = None,
@@ -94,19 +142,5 @@ def perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, limit: int |
                prompts: SoftPrompts | None = None) -> PerplexityResult:
     """Perplexity of `stream` (N,) over its first `limit` non-overlapping windows (all when None), each
     window behind the soft prompt `prompts` gives it, if any."""
-    n = stream.numel() // seqlen
-    if limit is not None:
-        n = min(n, limit)
-    if n == 0:
-        raise UserError(f"the text has {stream.numel()} tokens, fewer than one window of --seqlen {seqlen}")
-    windows = stream[: n * seqlen].view(n, seqlen)
-    device = next(model.parameters()).device
-    nlls = []
-    for i in range(0, n, batch_size):
-        batch = windows[i:i + batch_size]
-        soft = prompts(batch) if prompts else None
-        nlls.append(window_nll(model, batch.to(device), soft).double().cpu())
-        if on_windows:
-            on_windows(nlls[-1])
-    mean = torch.cat(nlls).mean().item()
-    return PerplexityResult(math.inf if mean >= 700 else math.exp(mean), mean, n, seqlen, n * (seqlen - 1))
+    windows = plain_windows(stream.numel(), seqlen, limit)
+    return summarize(window_nll_sums(model, stream, windows, batch_size, on_windows, prompts), windows, seqlen)

@@ -88,16 +88,17 @@ def test_out_of_memory_retry_hands_out_each_perplexity_window_once(tiny_model, d
     """A batch that runs out of GPU memory after earlier batches scored: the retry must not repeat them."""
     import rechannel.ops.evaluation.perplexity as ppl_ops
 
-    def fake_perplexity(model, stream, seqlen, limit, batch_size, on_windows, prompts):
+    def fake_sums(model, stream, windows, batch_size, on_windows, prompts):
         on_windows(torch.tensor([1.0, 2.0]))  # the first batch scores, then the next one does not fit
         if batch_size > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         on_windows(torch.tensor([3.0]))
-        return SimpleNamespace(perplexity=7.4, mean_nll=2.0, windows=3, tokens_scored=12)
+        return [15.0, 30.0, 45.0]  # summed over the 15 scored tokens of each window of 16
 
-    monkeypatch.setattr(ppl_ops, "perplexity", fake_perplexity)
+    monkeypatch.setattr(ppl_ops, "window_nll_sums", fake_sums)
     stages, records = [], []
-    doc = evaluate(EvalConfig(model=str(tiny_model), device="cpu", data=str(docs_file), kind="ppl", seqlen=16),
+    doc = evaluate(EvalConfig(model=str(tiny_model), device="cpu", data=str(docs_file), kind="ppl", seqlen=16,
+                              windows=3),
                    progress=lambda stage, advance=0, total=None, note=None: stages.append((stage, advance)),
                    on_record=records.append)
     assert doc["config"]["batch_size_used"] == {"docs": 2} and doc["n-samples"]["docs"]["effective"] == 3
