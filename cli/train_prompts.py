@@ -83,6 +83,7 @@ def train_prompts_command(
 
     Windows of --seqlen tokens are drawn from the documents (seeded, as calibration draws them). With several sources (--data NAME=FILE repeated, or --source-field), each source's rows are packed into documents and drawn from apart, and each step trains every source's prompts on --batch windows of that source only; the bank records each prompt's source and the statistics calibrated routing needs. With --objective kd the teacher is the dense model the compressed one was made from, unless --teacher names another (same tokenizer required). Each window trains the prompt the router picks (--assign router), so the prompts specialise. --method lora trains the re-training baseline on the same windows and objective and writes a PEFT adapter directory (eval --adapter). Stdout: one JSON summary line.
     """
+    from ..ops.core.distributed import world
     from ..ops.recover.api import TrainConfig, train_prompts
     from .console import bars, tame_libraries
     from .jsonl import STDIO, JsonlWriter
@@ -96,5 +97,6 @@ def train_prompts_command(
     tame_libraries()
     with bars() as report:
         summary = train_prompts(config, progress=report)
-    with JsonlWriter(STDIO) as out:
-        out.write(summary)
+    if world().main:  # under torchrun, rank 0 writes
+        with JsonlWriter(STDIO) as out:
+            out.write(summary)

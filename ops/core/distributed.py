@@ -194,6 +194,28 @@ def refuse_stdin(option: str, path: str | None, w: World) -> None:
         raise UserError(f"{option} -: under torchrun every rank reads the input itself; give a file, not stdin")
 
 
+def all_reduce_sum(tensors: Sequence[Any], w: World | None = None) -> None:
+    """Sum each tensor over the ranks, in place: the gradients of a global batch whose rows the ranks split,
+    each rank's loss already divided by the global row count (a no-op in a plain process)."""
+    w = w or world()
+    if w.size == 1:
+        return
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.all_reduce(t)
+
+
+def local_rows(n: int, what: str, w: World | None = None) -> slice:
+    """This rank's contiguous rows of a step's n rows (all in a plain process); every rank needs one."""
+    w = w or world()
+    if w.size > n:
+        raise UserError(f"{w.size} ranks for {n} {what} per step: give a global batch of at least {w.size}, or "
+                        "start fewer processes")
+    r = w.shard(n)
+    return slice(r.start, r.stop)
+
+
 def concat(parts: Sequence[Sequence[T]]) -> list[T]:
     """The ranks' shards back in input order."""
     return [x for part in parts for x in part]

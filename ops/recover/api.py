@@ -400,19 +400,30 @@ def _load(spec: str, config: TrainConfig) -> LoadedModel:
     return load_model(spec, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
 
 
-def train_prompts(config: TrainConfig, progress: Progress = silent) -> dict[str, Any]:
-    """Train what `config` asks for and write it (config.output, the export_peft directory, the OUTPUT.ckpt
-    checkpoints, the log); the summary the CLI prints: output, model, fingerprint, the method's fields
-    (final_loss, parameters, ...) and seconds. Bad options and data are refused (UserError) before the
-    model loads; a resume with other settings before any training."""
+@dataclass(frozen=True)
+class _Prepared:
+    """Everything a run needs before its first step, read and checked on every rank."""
+
+    lm: LoadedModel
+    job: Job
+    teacher: LoadedModel | None
+    provenance: Any  # core.artifacts.Provenance
+    state: TrainState
+    windows: list[torch.Tensor]  # (N, T) per source
+
+
+def _prepare(config: TrainConfig, main: bool) -> _Prepared:
+    """Options, data, models, teacher and the starting state (the checkpoint's with --resume), in the order
+    errors are reported; the loss log is trimmed to the checkpoint by rank 0 only."""
     from ..core.artifacts import Provenance
+    from ..core.distributed import local_rows
     from ..core.windows import draw_windows
     from .sources import load_sources, pack_texts
 
     config.check()
-    t0 = time.perf_counter()
     sources = load_sources(config.data, config.field, config.docs, config.source_field, config.input_field)
     curated = len(sources) > 1 or bool(config.source_field)
+    local_rows(config.batch * len(sources), "training windows")  # under torchrun: every rank gets a share
     lm = _load(config.model, config)
     data = config.data if isinstance(config.data, str) else list(config.data)
     args = {"method": config.method, "data": data, "field": config.field, "docs": config.docs,
@@ -427,13 +438,30 @@ def train_prompts(config: TrainConfig, progress: Progress = silent) -> dict[str,
         args["teacher"] = spec = config.teacher or default_teacher(lm)
         teacher = _load(spec, config)
         check_teacher(teacher, lm, spec)
-    provenance = Provenance("prompt-bank", config.model, lm.fingerprint, args)
-    state = _start(config, args, lm, job)
+    state = _start(replace(config, log=config.log if main else None), args, lm, job)
     n = config.steps * config.batch
     windows = [draw_windows(pack_texts(s.texts, config.seqlen) if curated else s.texts, lm.tokenizer, n,
                             config.seqlen, config.seed) for s in sources]  # (N, T) per source
-    recorder = _StepRecorder(config, provenance, f"training {job.label}", progress)
-    state, loss = _run(job, teacher, windows, state, recorder)
-    extra = job.save(state, loss, provenance)
-    return {"output": config.output, "model": config.model, "fingerprint": lm.fingerprint, **extra,
+    return _Prepared(lm, job, teacher, Provenance("prompt-bank", config.model, lm.fingerprint, args), state, windows)
+
+
+def train_prompts(config: TrainConfig, progress: Progress = silent) -> dict[str, Any]:
+    """Train what `config` asks for and write it (config.output, the export_peft directory, the OUTPUT.ckpt
+    checkpoints, the log); the summary the CLI prints: output, model, fingerprint, the method's fields
+    (final_loss, parameters, ...) and seconds. Bad options and data are refused (UserError) before the
+    model loads; a resume with other settings before any training.
+
+    Under torchrun every rank prepares the same run (a failure on one stops all), each step's global batch
+    (--batch windows per source) is split across the ranks and their gradients summed, and rank 0 alone
+    writes the checkpoints, the log and the output."""
+    from ..core.distributed import join, together
+
+    t0 = time.perf_counter()
+    world = join()
+    run = together(lambda: _prepare(config, world.main), world)
+    writer = config if world.main else replace(config, log=None, save_every=0)
+    recorder = _StepRecorder(writer, run.provenance, f"training {run.job.label}", progress if world.main else silent)
+    state, loss = _run(run.job, run.teacher, run.windows, run.state, recorder)
+    extra = run.job.save(state, loss, run.provenance) if world.main else {}
+    return {"output": config.output, "model": config.model, "fingerprint": run.lm.fingerprint, **extra,
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -13,9 +13,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.distributed import local_rows
 from ..core.errors import UserError
 from .lora import LoraLinear, add_lora, lora_parameters
-from .training import StepLog, TrainState, check_objective, fit, teacher_logits, token_loss, window_batch
+from .training import (
+    StepLog,
+    TrainState,
+    batch_mean,
+    check_objective,
+    fit,
+    teacher_logits,
+    token_loss,
+    window_batch,
+)
 
 
 @dataclass(frozen=True)
@@ -54,10 +64,10 @@ def train_lora(model: nn.Module, wrapped: dict[str, LoraLinear], teacher: nn.Mod
     device = model.get_input_embeddings().weight.device
 
     def step_loss(step: int) -> tuple[torch.Tensor, list[int]]:
-        ids = window_batch(windows, step, cfg.batch).to(device)  # (B, T)
+        ids = window_batch(windows, step, cfg.batch)[local_rows(cfg.batch, "training windows")].to(device)  # (b, T)
         target = teacher_logits(teacher, ids) if cfg.objective == "kd" else None
-        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        return token_loss(cfg.objective, logits, ids, target).mean(), []
+        logits = model(input_ids=ids, use_cache=False).logits  # (b, T, V)
+        return batch_mean(token_loss(cfg.objective, logits, ids, target), cfg.batch), []
 
     return fit(params, step_loss, cfg.steps, cfg.lr, 0.0, state, on_step)
 

@@ -19,9 +19,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.distributed import local_rows
 from ..core.errors import UserError, unknown_choice
 from .routing import attention_scores, bank_kv
-from .training import StepLog, TrainState, check_objective, fit, teacher_logits, token_loss, window_batch
+from .training import (
+    StepLog,
+    TrainState,
+    batch_mean,
+    check_objective,
+    fit,
+    teacher_logits,
+    token_loss,
+    window_batch,
+)
 
 ASSIGN = ("router", "balanced", "random", "all")
 VOCAB_INIT_TOKENS = 5000  # prompt tuning's "sampled vocabulary" init draws from the first (most frequent) ids
@@ -127,8 +137,9 @@ def train_prompts(model: nn.Module, teacher: nn.Module | None, windows: Sequence
         parts = [source_batch(s, step) for s in range(len(windows))]
         ids = torch.cat([i for i, _ in parts])  # (S*B, T), or (S*B*K, T) for `all`
         rows = torch.cat([r for _, r in parts])
-        target = teacher_logits(teacher, ids) if cfg.objective == "kd" else None
-        loss = token_loss(cfg.objective, _student_logits(model, bank[rows], ids), ids, target).mean()
-        return loss, torch.bincount(rows.cpu(), minlength=k * len(windows)).tolist()
+        mine = local_rows(len(rows), "training windows")  # under torchrun, this rank's share of the batch
+        target = teacher_logits(teacher, ids[mine]) if cfg.objective == "kd" else None
+        per = token_loss(cfg.objective, _student_logits(model, bank[rows[mine]], ids[mine]), ids[mine], target)
+        return batch_mean(per, len(rows)), torch.bincount(rows.cpu(), minlength=k * len(windows)).tolist()
 
     return fit({"prompts": bank}, step_loss, cfg.steps, cfg.lr, cfg.weight_decay, state, on_step)

@@ -4,7 +4,10 @@ Both train a few tensors in front of, or beside, a frozen model on windows of te
 KL(teacher || student) over the vocabulary with the dense model as teacher (the recovery setting), or
 `lm`, next-token cross-entropy. The loop is deterministic given the windows (torch's deterministic
 algorithms are on while it runs): step s always trains on windows [s*B, (s+1)*B) (wrapping around), so a
-run resumed from a checkpoint continues exactly as the uninterrupted run would have.
+run resumed from a checkpoint continues exactly as the uninterrupted run would have. Under torchrun the
+step's batch is the global batch: each rank takes a contiguous share of its rows, and the gradients are summed
+over the ranks before every optimizer step, so the ranks train what one process on the whole batch trains,
+and a checkpoint resumes at any world size.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def teacher_logits(teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return teacher(input_ids=ids.to(device), use_cache=False).logits.to(ids.device)
 
 
-StepLoss = Callable[[int], tuple[torch.Tensor, list[int]]]  # step -> (scalar loss, per-prompt counts)
+StepLoss = Callable[[int], tuple[torch.Tensor, list[int]]]  # step -> (this rank's share of the loss, counts)
 
 
 def fit(params: dict[str, nn.Parameter], step_loss: StepLoss, steps: int, lr: float, weight_decay: float,
@@ -123,6 +126,22 @@ def deterministic_algorithms() -> Iterator[None]:
         torch.use_deterministic_algorithms(was, warn_only=warn)
 
 
+def _sum_over_ranks(params: dict[str, nn.Parameter], loss: torch.Tensor) -> None:
+    """Under torchrun each rank's loss is its rows' share of the global batch's mean: summing the gradients
+    (and the loss, for the log) over the ranks gives what one process on the whole batch computes."""
+    from ..core.distributed import all_reduce_sum
+
+    for p in params.values():
+        if p.grad is None:  # every rank must reduce the same tensors
+            p.grad = torch.zeros_like(p)
+    all_reduce_sum([p.grad for p in params.values()] + [loss.detach()])
+
+
+def batch_mean(per_row: torch.Tensor, rows: int) -> torch.Tensor:
+    """This rank's share of the mean over a step's `rows` rows: the sum of its own rows' losses / rows."""
+    return per_row.sum() / rows
+
+
 def _fit(params: dict[str, nn.Parameter], step_loss: StepLoss, steps: int, lr: float, weight_decay: float,
          state: TrainState, on_step: Callable[[StepLog, TrainState], None] | None) -> TrainState:
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
@@ -135,6 +154,7 @@ def _fit(params: dict[str, nn.Parameter], step_loss: StepLoss, steps: int, lr: f
         loss, counts = step_loss(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        _sum_over_ranks(params, loss)
         opt.step()
         state = TrainState({n: p.detach().cpu().clone() for n, p in params.items()}, step + 1,
                            {f"{n}.{k}": opt.state[p][k].detach().cpu().clone() for n, p in params.items() for k in ADAM_KEYS},

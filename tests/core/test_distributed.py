@@ -193,3 +193,60 @@ def test_stdin_is_refused_under_torchrun(tiny_model):
     got = ranks([args, args])
     assert [p.returncode for p in got] == [1, 1]
     assert b"under torchrun every rank reads the input itself" in got[0].stderr
+
+
+def _tensor(path, name):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor(name)
+
+
+def test_train_prompts_global_batch_over_two_ranks_equals_one_and_resumes(tiny_model, docs_file, tmp_path):
+    import torch
+
+    def train(out, steps, *extra):
+        return ["train-prompts", "-m", str(tiny_model), "--data", str(docs_file), "--num-prompts", "2",
+                "--prompt-len", "2", "--assign", "balanced", "--objective", "kd", "--teacher", str(tiny_model),
+                "--steps", str(steps), "--batch", "4", "--seqlen", "16", "--save-every", "1", "--device", "cpu",
+                "-o", str(out), *extra]
+
+    one = run_cli(*train(tmp_path / "one.safetensors", 3))
+    assert one.returncode == 0, one.stderr.decode()
+    two = ranks([train(tmp_path / "two.safetensors", 3)] * 2)
+    assert [p.returncode for p in two] == [0, 0], two[1].stderr.decode()
+    assert two[1].stdout == b"" and json.loads(two[0].stdout)["output"] == str(tmp_path / "two.safetensors")
+    want = _tensor(tmp_path / "one.safetensors", "prompts")  # (2, 2, d)
+    assert torch.allclose(_tensor(tmp_path / "two.safetensors", "prompts"), want, rtol=0, atol=1e-5)
+    # 2 ranks stop after step 2; one process resumes from their checkpoint and ends where the 1-rank run ended
+    part = ranks([train(tmp_path / "resumed.safetensors", 2)] * 2)
+    assert [p.returncode for p in part] == [0, 0], part[0].stderr.decode()
+    done = run_cli(*train(tmp_path / "resumed.safetensors", 3, "--resume"))
+    assert done.returncode == 0, done.stderr.decode()
+    assert torch.allclose(_tensor(tmp_path / "resumed.safetensors", "prompts"), want, rtol=0, atol=1e-5)
+
+
+def test_lora_global_batch_over_two_ranks_equals_one(tiny_model, docs_file, tmp_path):
+    import torch
+
+    args = ["train-prompts", "-m", str(tiny_model), "--data", str(docs_file), "--method", "lora", "--rank", "2",
+            "--objective", "lm", "--steps", "2", "--batch", "4", "--seqlen", "16", "--save-every", "0",
+            "--device", "cpu", "-o"]
+    one = run_cli(*args, str(tmp_path / "one"))
+    two = ranks([[*args, str(tmp_path / "two")]] * 2)
+    assert one.returncode == 0 and [p.returncode for p in two] == [0, 0], two[0].stderr.decode()
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
+    assert not (tmp_path / "two.ckpt").exists()
+
+
+def test_a_global_batch_smaller_than_the_world_is_refused(tiny_model, docs_file, tmp_path):
+    args = ["train-prompts", "-m", str(tiny_model), "--data", str(docs_file), "--objective", "lm", "--steps", "1",
+            "--batch", "1", "--num-prompts", "1", "--seqlen", "16", "--device", "cpu", "-o", str(tmp_path / "b.safetensors")]
+    got = ranks([args] * 2)
+    assert [p.returncode for p in got] == [1, 1] and got[1].stderr == b""
+    assert got[0].stderr.decode().splitlines() == ["error: 2 ranks for 1 training windows per step: give a global "
+                                                   "batch of at least 2, or start fewer processes"]
+    assert not (tmp_path / "b.safetensors").exists()

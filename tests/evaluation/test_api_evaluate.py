@@ -4,7 +4,6 @@ bad options fail before the model loads, and an out-of-memory retry repeats no r
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
