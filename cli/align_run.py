@@ -18,9 +18,13 @@ if TYPE_CHECKING:
 def run(config: AlignRunConfig) -> None:
     """Outputs checked, then the API between the node file and the summary (-o), the table and the figures."""
     from ..ops.align.api import align
+    from ..ops.core.distributed import world
 
     _outputs(config)
     tame_libraries()
+    if not world().main:  # under torchrun, rank 0 writes the node file, the summary, the table and the figures
+        align(config, previous=lambda: read_back(config.nodes, config.resume)[0])
+        return
     node_file = NodeFile(config.nodes, config.resume)
     try:
         with bars() as report:

@@ -126,13 +126,9 @@ def align(config: AlignRunConfig, progress: Progress = silent, on_question: OnQu
     (the settings --resume must find unchanged, and the student's fingerprint): the node file's first record.
     on_question: called with each finished question's record and node records, in order.
     progress: stages "questions" and "nodes" (the nodes of the question under way)."""
-    inputs = _read_inputs(config)
-    head = run_record(config)
-    old = previous() if callable(previous) else previous or Previous()
-    if old.head is not None:
-        same_run(config.nodes, old.head, head)
-    lm = _load_student(config, old.head or {})
-    scorers = _scorers(lm, list(config.teacher), inputs.contexts, lambda spec: _load_teacher(spec, lm, config))
+    from ..core.distributed import together
+
+    inputs, head, old, lm, scorers = together(lambda: _prepare(config, previous))  # on every rank; one fails: all stop
     if on_run is not None:
         on_run({**head, "student_fingerprint": lm.fingerprint})
     done = {q["question"] for q in old.questions}
@@ -145,6 +141,21 @@ def align(config: AlignRunConfig, progress: Progress = silent, on_question: OnQu
                                                "verifier": config.verifier, "data": config.data,
                                                "field": config.field, "prompt": config.prompt,
                                                **inputs.numerics.__dict__})
+
+
+def _prepare(config: AlignRunConfig, previous: Previous | Callable[[], Previous] | None) -> tuple:
+    """(inputs, run record, what --resume found, the student, the scorers): read, loaded and checked."""
+    from ..core.distributed import refuse_stdin, world
+
+    refuse_stdin("--data", config.data, world())
+    inputs = _read_inputs(config)
+    head = run_record(config)
+    old = previous() if callable(previous) else previous or Previous()
+    if old.head is not None:
+        same_run(config.nodes, old.head, head)
+    lm = _load_student(config, old.head or {})
+    scorers = _scorers(lm, list(config.teacher), inputs.contexts, lambda spec: _load_teacher(spec, lm, config))
+    return inputs, head, old, lm, scorers
 
 
 def run_record(config: AlignRunConfig) -> dict[str, Any]:
@@ -280,22 +291,43 @@ def _diagnosis(lm: LoadedModel, inputs: _Inputs, scorers: list[Scorer]) -> Diagn
 def _analyse(diag: Diagnosis, todo: list[Question], old: Previous, config: AlignRunConfig, progress: Progress,
              on_question: OnQuestion | None) -> tuple[list[dict], list[dict]]:
     """(question records, node records) of the old run and of `todo` in order, until max_questions questions
-    (old ones included) passed the pass-rate filter."""
+    (old ones included) passed the pass-rate filter.
+
+    Under torchrun the questions go out in rounds: question i of `todo` to rank i mod W; each round's records
+    come back to every rank in question order, so that the stop after max_questions falls on the very question
+    one process stops at, and rank 0 hands out whole questions as they finish (the node file stays resumable).
+    Each question is seeded by its index alone, so its records do not depend on the rank that ran it."""
+    from functools import partial
+
+    from ..core.distributed import gather, join
+
+    world = join()
+    if world.size > len(todo):
+        raise UserError(f"{world.size} ranks for {len(todo)} questions left: start at most {len(todo)} processes "
+                        "(torchrun --nproc-per-node), or give more questions")
     questions, nodes = list(old.questions), list(old.nodes)
     analysed = sum(q["selected"] for q in old.questions)
     progress("questions", total=len(todo))
     progress("nodes", total=config.budget)
-    for q in todo:
+
+    def run(q: Question | None) -> tuple[dict, list[dict]] | None:
+        progress("nodes", total=config.budget)
+        return None if q is None else diag.run(q, on_node=lambda: progress("nodes", advance=1))
+
+    for start in range(0, len(todo), world.size):
         if config.max_questions is not None and analysed >= config.max_questions:
             break
-        progress("nodes", total=config.budget)
-        head, recs = diag.run(q, on_node=lambda: progress("nodes", advance=1))
-        if on_question is not None:
-            on_question(head, recs)
-        questions.append(head)
-        nodes += recs
-        analysed += head["selected"]
-        progress("questions", advance=1)
+        batch = todo[start:start + world.size]
+        mine = batch[world.rank] if world.rank < len(batch) else None
+        for head, recs in gather(partial(run, mine), world)[:len(batch)]:
+            if config.max_questions is not None and analysed >= config.max_questions:
+                break
+            if on_question is not None:
+                on_question(head, recs)
+            questions.append(head)
+            nodes += recs
+            analysed += head["selected"]
+            progress("questions", advance=1)
     return questions, nodes
 
 

@@ -250,3 +250,20 @@ def test_a_global_batch_smaller_than_the_world_is_refused(tiny_model, docs_file,
     assert got[0].stderr.decode().splitlines() == ["error: 2 ranks for 1 training windows per step: give a global "
                                                    "batch of at least 2, or start fewer processes"]
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_align_under_two_ranks_equals_one_process(tiny_model, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(_jsonl([{"question": f"Say a vowel {i}.", "answer": "a"} for i in range(3)]))
+    args = ["align", "--student", str(tiny_model), "--teacher", str(tiny_model), "--context", "none", "--data",
+            str(questions), "--rollouts", "2", "--continuations", "2", "--candidates", "2", "--budget", "2",
+            "--max-new-tokens", "6", "--verifier", "regex:([aeiou])", "--device", "cpu", "-o"]
+    one = run_cli(*args, str(tmp_path / "one.json"))
+    two = ranks([[*args, str(tmp_path / "two.json")]] * 2)  # 3 questions: rank 0 runs 2 of them, rank 1 one
+    assert one.returncode == 0 and [p.returncode for p in two] == [0, 0], two[0].stderr.decode()
+    a, b = _records(one.stdout), _records(two[0].stdout)
+    assert [r["kind"] for r in a] == [r["kind"] for r in b] and two[1].stdout == b""
+    assert sum(r["kind"] == "question" for r in b) == 3
+    assert all(_close(x, y) for x, y in zip(a, b, strict=True)), "a node record differs between 1 and 2 processes"
+    sa, sb = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert _close(sa["overall"], sb["overall"]) and sa["questions"] == sb["questions"]
