@@ -101,8 +101,9 @@ def eval_command(
       rechannel eval --data my_mc.jsonl --kind mc -o mine.json
       rechannel eval --model out/gptq4 --loader transformers --tasks wikitext2 -o gptq4.hf.json
       jq '.results.arc_easy["acc,none"]' dense.json
+      torchrun --nproc-per-node 8 --no-python rechannel eval -m out/gptq4 --tasks arc_easy -o a.json > a.jsonl
 
-    Multiple choice is scored by the log-likelihood of each choice after the context (acc, and acc_norm dividing by the choice's length), with the context computed once per example; templates follow lm-evaluation-harness. Perplexity is exp(mean window NLL) over non-overlapping windows of --seqlen tokens, as GPTQ, SparseGPT and Wanda compute it.
+    Multiple choice is scored by the log-likelihood of each choice after the context (acc, and acc_norm dividing by the choice's length), with the context computed once per example; templates follow lm-evaluation-harness. Perplexity is exp(mean window NLL) over non-overlapping windows of --seqlen tokens, as GPTQ, SparseGPT and Wanda compute it. Under torchrun each rank scores a contiguous share of every task on its own device and rank 0 writes everything in input order (README: Scaling out).
     """
     from ..ops.core.distributed import world
     from ..ops.evaluation.api import EvalConfig, evaluate

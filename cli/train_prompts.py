@@ -80,23 +80,30 @@ def train_prompts_command(
       rechannel sources -o s.jsonl && rechannel train-prompts -m out/wanda50 --data s.jsonl --source-field source --input-field input --num-prompts 1 -o curated.safetensors
       rechannel train-prompts --model out/wanda50 --data c4.jsonl --method lora --rank 8 -o lora-wanda50
       rechannel train-prompts --model out/wanda50 --data c4.jsonl -o bank.safetensors --resume --steps 600
+      torchrun --nproc-per-node 4 --no-python rechannel train-prompts -m out/wanda50 --data c4.jsonl --batch 16 -o bank.safetensors
 
-    Windows of --seqlen tokens are drawn from the documents (seeded, as calibration draws them). With several sources (--data NAME=FILE repeated, or --source-field), each source's rows are packed into documents and drawn from apart, and each step trains every source's prompts on --batch windows of that source only; the bank records each prompt's source and the statistics calibrated routing needs. With --objective kd the teacher is the dense model the compressed one was made from, unless --teacher names another (same tokenizer required). Each window trains the prompt the router picks (--assign router), so the prompts specialise. --method lora trains the re-training baseline on the same windows and objective and writes a PEFT adapter directory (eval --adapter). Stdout: one JSON summary line.
+    Windows of --seqlen tokens are drawn from the documents (seeded, as calibration draws them). With several sources (--data NAME=FILE repeated, or --source-field), each source's rows are packed into documents and drawn from apart, and each step trains every source's prompts on --batch windows of that source only; the bank records each prompt's source and the statistics calibrated routing needs. With --objective kd the teacher is the dense model the compressed one was made from, unless --teacher names another (same tokenizer required). Each window trains the prompt the router picks (--assign router), so the prompts specialise. --method lora trains the re-training baseline on the same windows and objective and writes a PEFT adapter directory (eval --adapter). Under torchrun each step's --batch is split across the ranks and their gradients summed: the same training as one process. Stdout: one JSON summary line.
     """
-    from ..ops.core.distributed import world
-    from ..ops.recover.api import TrainConfig, train_prompts
-    from .console import bars, tame_libraries
-    from .jsonl import STDIO, JsonlWriter
+    from ..ops.recover.api import TrainConfig
 
-    config = TrainConfig(
+    _train(TrainConfig(
         data[0] if len(data) == 1 else tuple(data), output, method=method, teacher=teacher, field=field, docs=docs,
         source_field=source_field, input_field=input_field, pool=pool, num_prompts=num_prompts, prompt_len=prompt_len, objective=objective,
         assign=assign, layers=layers, rank=rank, alpha=alpha, targets=targets, steps=steps, lr=lr, batch=batch,
         seqlen=seqlen, init=init, seed=seed, save_every=save_every, resume=resume, log=log, export_peft=export_peft,
-        member=member, model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        member=member, model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code))
+
+
+def _train(config) -> None:
+    """Train with bars on stderr; the summary line on stdout (under torchrun, rank 0's)."""
+    from ..ops.core.distributed import world
+    from ..ops.recover.api import train_prompts
+    from .console import bars, tame_libraries
+    from .jsonl import STDIO, JsonlWriter
+
     tame_libraries()
     with bars() as report:
         summary = train_prompts(config, progress=report)
-    if world().main:  # under torchrun, rank 0 writes
+    if world().main:
         with JsonlWriter(STDIO) as out:
             out.write(summary)
