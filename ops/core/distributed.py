@@ -14,11 +14,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from .errors import UserError
 
 T = TypeVar("T")
+GATHER_TIMEOUT_MINUTES = 120  # how long a rank waits in a gather for a slower one (a rank that dies ends the job
+#                               sooner: torchrun stops every rank when one exits with an error)
 
 
 class RankFailed(UserError):
@@ -90,7 +93,8 @@ def join(w: World | None = None) -> World:
 
     w = w or world()
     if w.size > 1 and not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=timedelta(minutes=GATHER_TIMEOUT_MINUTES))
     return w
 
 

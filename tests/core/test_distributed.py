@@ -144,6 +144,16 @@ def test_route_and_generate_under_two_ranks_equal_one_process(tiny_model, docs_f
     assert [r["id"] for r in b] == list(range(5))
     assert [r["route"]["prompt"] for r in a] == [r["route"]["prompt"] for r in b]
     assert all(_close(x["route"]["scores"], y["route"]["scores"]) for x, y in zip(a, b, strict=True))
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(_jsonl([{"id": i, "context": t[:40], "choices": ["Paris", "Rome", "a fox"], "gold": i % 3}
+                          for i, t in enumerate(make_docs(5, seed=4))]))
+    banked = ["eval", "-m", str(tiny_model), "--data", str(mc), "--prompts", str(bank), "--route", "attention",
+              "--device", "cpu", "-o"]
+    one, two = run_cli(*banked, str(tmp_path / "b1.json")), ranks([[*banked, str(tmp_path / "b2.json")]] * 2)
+    assert one.returncode == 0 and [p.returncode for p in two] == [0, 0], two[0].stderr.decode()
+    assert all(_close(x, y) for x, y in zip(_records(one.stdout), _records(two[0].stdout), strict=True))
+    r1, r2 = (json.loads((tmp_path / f"b{n}.json").read_text())["results"]["mc"] for n in (1, 2))
+    assert r1["routing"] == r2["routing"] and r1["acc,none"] == r2["acc,none"]
     gen = ["generate", "-m", str(tiny_model), "-i", str(texts), "--max-new-tokens", "4", "--device", "cpu"]
     one, two = run_cli(*gen), ranks([gen, gen])
     assert one.returncode == 0 and [p.returncode for p in two] == [0, 0], two[0].stderr.decode()
