@@ -7,7 +7,7 @@ OUT    ?= demo-out
 TORCH_CPU ?= torch==2.13.0
 export RECHANNEL_CACHE ?= $(HOME)/.cache/rechannel
 
-.PHONY: install test test-heavy demo prune-table eval-table quant-table serve-check idp-table align-demo align-dense align-compressed bench bench-route bench-kernels bench-eval lint clean
+.PHONY: install test test-heavy demo prune-table eval-table quant-table serve-check scale-check idp-table align-demo align-dense align-compressed bench bench-route bench-kernels bench-eval lint clean
 .SECONDARY:  # keep the pruned model directories: they are intermediate targets of the eval files
 
 install: $(VENV)/.installed
@@ -58,6 +58,7 @@ demo: install
 	@$(MAKE) --no-print-directory idp-table IDP_MODELS=wanda-50 IDP_STEPS=$(DEMO_IDP_STEPS) IDP_BATCH=1 IDP_SEQLEN=64 \
 	  IDP_LIMIT=$(KNOW_LIMIT) IDP_TASKS=arc_easy,piqa,lambada
 	@$(MAKE) --no-print-directory align-dense ALIGN_QUESTIONS=1 ALIGN_BUDGET=8
+	@$(MAKE) --no-print-directory scale-check
 
 # `make demo` runs the 50% rows (make prune-table adds 2:4), the 4-bit group-64 quantization pair (compressed-tensors:
 # SmolLM2's width 576 is no multiple of 128), a toy-sized IDP run and one align question, to stay under 20 minutes
@@ -191,6 +192,20 @@ $(QUANT_RUNS:%=$(OUT)/%/config.json): $(OUT)/%/config.json: $(OUT)/stats.safeten
 # A compressed-tensors directory as a serving stack sees it: plain transformers (from_pretrained, through its
 # compressed-tensors integration) against rechannel's own loader, on the same WikiText-2 windows
 SERVE_RUN ?= gptq-4-g64
+# The same evaluation in one process and under torchrun with SCALE_RANKS ranks (gloo on the CPU by default;
+# SCALE_DEVICE=cuda puts one rank on each GPU, so SCALE_RANKS GPUs are needed): equal metrics, records in the same
+# order, per-example log-likelihoods within float32 noise (the check fails otherwise)
+SCALE_RANKS  ?= 2
+SCALE_DEVICE ?= cpu
+SCALE_ARGS    = --tasks arc_easy,wikitext2 --limit 100 --windows 8 --seqlen $(SEQLEN) --data-dir $(DATA) --device $(SCALE_DEVICE)
+scale-check: install
+	@mkdir -p $(OUT)
+	$(RC) eval $(SCALE_ARGS) -o $(OUT)/scale-1.json > $(OUT)/scale-1.jsonl
+	$(BIN)/torchrun --nproc-per-node $(SCALE_RANKS) --no-python $(RC) eval $(SCALE_ARGS) -o $(OUT)/scale-$(SCALE_RANKS).json \
+	  > $(OUT)/scale-$(SCALE_RANKS).jsonl
+	@echo "== eval in 1 process and in $(SCALE_RANKS) ranks under torchrun"
+	@$(BIN)/python tests/bench/scale.py $(OUT)/scale-1 $(OUT)/scale-$(SCALE_RANKS)
+
 serve-check: install $(OUT)/$(SERVE_RUN).eval.json
 	@grep -q '"quant_method": "compressed-tensors"' $(OUT)/$(SERVE_RUN)/config.json
 	$(RC) eval --model $(OUT)/$(SERVE_RUN) --loader transformers $(EVAL_ARGS) -o $(OUT)/$(SERVE_RUN).transformers.eval.json > /dev/null

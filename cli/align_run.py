@@ -23,12 +23,12 @@ def run(config: AlignRunConfig) -> None:
     _outputs(config)
     tame_libraries()
     if not world().main:  # under torchrun, rank 0 writes the node file, the summary, the table and the figures
-        align(config, previous=lambda: read_back(config.nodes, config.resume)[0])
+        align(config, previous=lambda: read_back(config.nodes, config.resume)[0], world=world())
         return
     node_file = NodeFile(config.nodes, config.resume)
     try:
         with bars() as report:
-            summary = align(config, report, node_file.write, node_file.read, node_file.start)
+            summary = align(config, report, node_file.write, node_file.read, node_file.start, world())
     finally:
         node_file.close()
     names = summary["config"]["teachers"]

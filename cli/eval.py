@@ -115,10 +115,10 @@ def eval_command(
                         calibration=calibration, layers=layers, adapter=adapter, attention_profile=attention_profile, output=output,
                         model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, loader=loader)
     if not world().main:  # under torchrun, rank 0 writes the records, the document and the summary
-        evaluate(config, on_record=lambda r: None, load=options.load)
+        evaluate(config, on_record=lambda r: None, load=options.load, world=world())
         return
     with JsonlWriter(STDIO) as out, bars() as report:  # records on stdout as each task finishes
-        doc = evaluate(config, report, on_record=out.write, load=options.load)
+        doc = evaluate(config, report, on_record=out.write, load=options.load, world=world())
     _summary(doc["results"])
     if output:
         write_json(output, doc)

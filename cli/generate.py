@@ -81,12 +81,13 @@ def generate_command(
 def _completions(texts: list[str], where: list[str], cfg, model: tuple, world) -> Iterable[tuple[str, int]]:
     """(completion, new tokens) of every text in input order: streamed as they come in a single process;
     under torchrun each rank completes its contiguous share and every rank gets all of them back."""
-    from ..ops.core.distributed import concat, gather, sharded
+    from ..ops.core.distributed import concat, gather, rank_device, sharded
     from ..ops.core.generate import check_prompt_lengths, complete
 
     def shard() -> Iterable[tuple[str, int]]:
         mine = sharded(range(len(texts)), world, "prompts")
-        lm = options.load(*model)
+        spec, device, dtype, trust_remote_code = model
+        lm = options.load(spec, rank_device(device, world), dtype, trust_remote_code)
         check_prompt_lengths(lm.tokenizer, lm.model.config, [texts[i] for i in mine], cfg.max_new_tokens,
                              [where[i] for i in mine])
         return complete(lm.model, lm.tokenizer, [texts[i] for i in mine], cfg)

@@ -103,6 +103,21 @@ def _leave() -> None:
         leave()
 
 
+SHARDED = ("eval", "route", "generate", "align", "train-prompts")  # the commands that run under torchrun
+
+
+def _refuse_unsharded(args: list[str]) -> None:
+    """Under torchrun, a command that does not shard its work would run N times over and N ranks would write one
+    output: refused (rank 0 says so, every rank exits 1)."""
+    from ..ops.core.distributed import RankFailed, world
+
+    command = next((a for a in args if not a.startswith("-")), None)
+    size = world().size
+    if size > 1 and command is not None and command not in SHARDED:
+        raise RankFailed(f"{command} does not run under torchrun ({size} processes): run it in one process; "
+                         f"these shard their work: {', '.join(SHARDED)}")
+
+
 def _speaks(e: UserError) -> bool:
     """Under torchrun a failure gathered from the ranks is raised on each of them: rank 0 alone prints it."""
     from ..ops.core.distributed import RankFailed, world
@@ -117,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
+        _refuse_unsharded(args)
         app(args=args, prog_name="rechannel")
     except Interrupted as e:
         print(f"error: {'interrupted' if e.code == 128 + signal.SIGINT else 'terminated'}", file=sys.stderr)

@@ -102,14 +102,15 @@ def _route_shard(job: _Job, texts: list[str], source_field: str | None, world) -
     """Load the model and the bank on this rank's device and route this rank's share of the texts:
     ((row, scores) per text, (how they were chosen, the bank's sources, its prompts))."""
     from ..ops.core.blocks import decoder_blocks
-    from ..ops.core.distributed import global_progress, sharded
+    from ..ops.core.distributed import global_progress, rank_device, sharded
     from ..ops.recover.prompts import Route, load_prompt_bank, router
     from ..ops.recover.route_calibration import resolve_calibration
     from ..ops.recover.routing import parse_layers
     from .console import bars
 
     mine = sharded(texts, world, "inputs")
-    lm = options.load(*job.model)
+    spec, device, dtype, trust_remote_code = job.model
+    lm = options.load(spec, rank_device(device, world), dtype, trust_remote_code)
     bank = load_prompt_bank(job.prompts, lm)
     picked = tuple(parse_layers(job.layers, len(decoder_blocks(lm.model))))
     calibration = job.calibration

@@ -103,7 +103,7 @@ def _train(config) -> None:
 
     tame_libraries()
     with bars() as report:
-        summary = train_prompts(config, progress=report)
+        summary = train_prompts(config, progress=report, world=world())
     if world().main:
         with JsonlWriter(STDIO) as out:
             out.write(summary)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,8 +116,11 @@ class _Inputs:
 
 def align(config: AlignRunConfig, progress: Progress = silent, on_question: OnQuestion | None = None,
           previous: Previous | Callable[[], Previous] | None = None,
-          on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          on_run: Callable[[dict[str, Any]], None] | None = None, world: Any = None) -> dict[str, Any]:
     """Diagnose every question of `config.data` not already in `previous`; return the summary document.
+
+    world: ops.core.distributed.world() under torchrun (the CLI passes it): the questions are dealt to the
+    ranks (_analyse), each on its own device; without it the call is a single process.
 
     previous: what an interrupted run of the same settings wrote, or a function that reads it (called once the
     inputs are checked, before any model loads: a node file that cannot be read is reported after a bad
@@ -126,14 +129,15 @@ def align(config: AlignRunConfig, progress: Progress = silent, on_question: OnQu
     (the settings --resume must find unchanged, and the student's fingerprint): the node file's first record.
     on_question: called with each finished question's record and node records, in order.
     progress: stages "questions" and "nodes" (the nodes of the question under way)."""
-    from ..core.distributed import together
+    from ..core.distributed import World, join, together
 
-    inputs, head, old, lm, scorers = together(lambda: _prepare(config, previous))  # on every rank; one fails: all stop
+    world = join(world or World())
+    inputs, head, old, lm, scorers = together(lambda: _prepare(config, previous, world), world)  # one fails: all stop
     if on_run is not None:
         on_run({**head, "student_fingerprint": lm.fingerprint})
     done = {q["question"] for q in old.questions}
     todo = [q for q in inputs.questions if q.qid not in done]
-    questions, nodes = _analyse(_diagnosis(lm, inputs, scorers), todo, old, config, progress, on_question)
+    questions, nodes = _analyse(_diagnosis(lm, inputs, scorers), todo, old, config, progress, on_question, world)
     from .summary import summarise
 
     names = [s.name for s in scorers]
@@ -143,12 +147,16 @@ def align(config: AlignRunConfig, progress: Progress = silent, on_question: OnQu
                                                **inputs.numerics.__dict__})
 
 
-def _prepare(config: AlignRunConfig, previous: Previous | Callable[[], Previous] | None) -> tuple:
+def _prepare(config: AlignRunConfig, previous: Previous | Callable[[], Previous] | None, world: Any) -> tuple:
     """(inputs, run record, what --resume found, the student, the scorers): read, loaded and checked."""
-    from ..core.distributed import refuse_stdin, world
+    from ..core.distributed import rank_device, refuse_stdin
 
-    refuse_stdin("--data", config.data, world())
+    refuse_stdin("--data", config.data, world)
     inputs = _read_inputs(config)
+    if world.size > len(inputs.questions):
+        raise UserError(f"{world.size} ranks for {len(inputs.questions)} questions: start at most "
+                        f"{len(inputs.questions)} processes (torchrun --nproc-per-node), or give more questions")
+    config = replace(config, device=rank_device(config.device, world))  # under torchrun: this rank's GPU
     head = run_record(config)
     old = previous() if callable(previous) else previous or Previous()
     if old.head is not None:
@@ -289,7 +297,7 @@ def _diagnosis(lm: LoadedModel, inputs: _Inputs, scorers: list[Scorer]) -> Diagn
 
 
 def _analyse(diag: Diagnosis, todo: list[Question], old: Previous, config: AlignRunConfig, progress: Progress,
-             on_question: OnQuestion | None) -> tuple[list[dict], list[dict]]:
+             on_question: OnQuestion | None, world: Any) -> tuple[list[dict], list[dict]]:
     """(question records, node records) of the old run and of `todo` in order, until max_questions questions
     (old ones included) passed the pass-rate filter.
 
@@ -299,12 +307,8 @@ def _analyse(diag: Diagnosis, todo: list[Question], old: Previous, config: Align
     Each question is seeded by its index alone, so its records do not depend on the rank that ran it."""
     from functools import partial
 
-    from ..core.distributed import gather, join
+    from ..core.distributed import gather
 
-    world = join()
-    if world.size > len(todo):
-        raise UserError(f"{world.size} ranks for {len(todo)} questions left: start at most {len(todo)} processes "
-                        "(torchrun --nproc-per-node), or give more questions")
     questions, nodes = list(old.questions), list(old.nodes)
     analysed = sum(q["selected"] for q in old.questions)
     progress("questions", total=len(todo))

@@ -15,11 +15,12 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .distributed import rank_device
 from .errors import UserError, did_you_mean, unknown_choice
 from .fingerprint import model_fingerprint, weight_files
 from .tensorfile import read_header
@@ -148,14 +149,31 @@ def prepare(spec: str = DEFAULT_MODEL, force: bool = False) -> Path:
     if gguf is None:
         return model_dir(spec)
     target = cached_dir(spec)
-    if force or not is_prepared(spec, gguf):
-        from .convert import convert_gguf
+    if not force and is_prepared(spec, gguf):
+        return target
+    with _conversion_lock(target):  # torchrun's ranks all start here: one converts, the others then find it done
+        if force or not is_prepared(spec, gguf):
+            from .convert import convert_gguf
 
-        try:
-            convert_gguf(gguf, target, stamp=_source_stamp(gguf), marker=_SOURCE_MARKER)
-        except (ValueError, OSError, KeyError, IndexError, TypeError) as e:  # gguf's parser errors name no file
-            raise UserError(f"{spec}: cannot convert this GGUF file ({type(e).__name__}: {_first_line(e)})") from None
+            try:
+                convert_gguf(gguf, target, stamp=_source_stamp(gguf), marker=_SOURCE_MARKER)
+            except (ValueError, OSError, KeyError, IndexError, TypeError) as e:  # gguf's parser errors name no file
+                raise UserError(f"{spec}: cannot convert this GGUF file ({type(e).__name__}: {_first_line(e)})") from None
     return target
+
+
+@contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """An exclusive lock (flock) on a file beside the cache entry while it is checked and converted."""
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -266,7 +284,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
         raise unknown_choice("loader", loader, LOADERS)
     go_offline()
     path = prepare(spec)
-    device = resolve_device(rank_device(device))  # under torchrun: this rank's own GPU
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     from transformers import AutoTokenizer
 

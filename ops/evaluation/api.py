@@ -207,7 +207,7 @@ def _run_ppl(s: _Session, task: Any, text: str, batch_size: int, advance: Callab
     """This shard's windows of `text` (non-overlapping, or with a stride sliding); one record per window, made
     once the shard is done, so a retry at a smaller batch repeats no window."""
     from ..core.distributed import sharded
-    from .perplexity import plain_windows, sliding_windows, window_nll_sums
+    from .perplexity import plain_windows, sliding_windows, window_means, window_nll_sums
 
     lm, seqlen, stride = s.lm, s.config.seqlen, s.config.stride
     limit = s.config.windows if s.config.windows is not None else s.config.limit
@@ -218,7 +218,7 @@ def _run_ppl(s: _Session, task: Any, text: str, batch_size: int, advance: Callab
     mine = sharded(every, s.world, f"{task.name} windows")
     sums = window_nll_sums(lm.model, stream, mine, 1 if stride else batch_size, lambda nll: advance(len(nll)),
                            None if stride else _window_prompts(lm, replace(s.cond, task=task.name)))
-    nlls = [total / w.scored for total, w in zip(sums, mine, strict=True)]
+    nlls = window_means(sums, mine, bool(stride))
     if any(v != v for v in nlls):  # NaN: exp would report it as a perplexity
         raise UserError(f"{task.name}: {sum(v != v for v in nlls)} of {len(nlls)} windows have a NaN loss; the "
                         "model's outputs are not numbers (damaged weights, or float16 overflow: try --dtype float32)")
@@ -233,7 +233,7 @@ def _finish_ppl(config: EvalConfig, shards: list[_Shard]) -> _Done:
     from .perplexity import summarize
 
     windows, records = concat([p.windows for p in shards]), concat([p.records for p in shards])
-    res = summarize(concat([p.sums for p in shards]), windows, config.seqlen)
+    res = summarize(concat([p.sums for p in shards]), windows, config.seqlen, bool(config.stride))
     seconds = max(p.seconds for p in shards)
     result = {"ppl,none": res.perplexity,
               "ppl_stderr,none": None if config.stride else _ppl_stderr(res.perplexity, [r["nll"] for r in records]),
@@ -308,13 +308,16 @@ def _run_task(s: _Session, task: Any, data: Any, requested: int | None, progress
     return _with_batch_size(run, requested, str(s.lm.model.device))
 
 
-def _load(config: EvalConfig, load: Loader | None) -> Any:
-    """The model the config names, through the caller's loader (the CLI's tames the libraries' logging first)."""
+def _load(config: EvalConfig, load: Loader | None, world: Any) -> Any:
+    """The model the config names on this rank's device, through the caller's loader (the CLI's tames the
+    libraries' logging first)."""
+    from ..core.distributed import rank_device
+
     if load is None:
         from ..core.models import load_model as load
     loader = {} if config.loader == "rechannel" else {"loader": config.loader}  # a caller's loader may not take it
-    return load(config.model, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-                **loader)
+    return load(config.model, device=rank_device(config.device, world), dtype=config.dtype,
+                trust_remote_code=config.trust_remote_code, **loader)
 
 
 def _model_meta(lm: Any) -> dict[str, Any]:
@@ -394,7 +397,7 @@ def _run_local(config: EvalConfig, plan: _Plan, load: Loader | None, progress: P
                stream: Callable[[Record], None] | None, world: Any) -> _Local:
     """Load the model on this rank's device and run this rank's shard of every task; with `stream` (a single
     process), each task's records go to it as soon as the task is done."""
-    lm = _load(config, load)
+    lm = _load(config, load, world)
     cond, extra = _prepare(config, lm)
     budget = CPU_TOKENS if plan.batch_size is None and lm.model.device.type == "cpu" else None
     session = _Session(lm, cond, config, budget, world)
@@ -415,19 +418,21 @@ def _finish(config: EvalConfig, task: Any, parts: list[_Local]) -> _Done:
 
 
 def evaluate(config: EvalConfig, progress: Progress = silent, on_record: Callable[[Record], None] | None = None,
-             load: Loader | None = None) -> dict[str, Any]:
+             load: Loader | None = None, world: Any = None) -> dict[str, Any]:
     """Evaluate the model on the configured tasks and return the results document `rechannel eval -o` writes.
 
     Records reach `on_record` task by task, each task's once it is done (a retry at a smaller batch after a
     GPU out-of-memory error repeats none); without `on_record` they are returned under "samples". `load`
     replaces ops.core.models.load_model (same keywords).
 
-    Under torchrun each rank checks the inputs, runs its contiguous shard of every task (World.shard) on its
-    own device, and every rank gets back all records in input order and returns the same document; the
-    records reach `on_record` once all ranks are done. A failure on any rank is raised on every rank."""
-    from ..core.distributed import gather, global_progress, join, together
+    With `world` (ops.core.distributed.world() under torchrun, as the CLI passes it) each rank checks the
+    inputs, runs its contiguous shard of every task (World.shard) on its own device, and every rank gets back
+    all records in input order and returns the same document; the records reach `on_record` once all ranks
+    are done, and a failure on any rank is raised on every rank. Without it the call is a single process,
+    whatever the environment says."""
+    from ..core.distributed import World, gather, global_progress, join, together
 
-    world = join()
+    world = join(world or World())
     plan = together(lambda: _plan(config), world)  # every input is read and checked before the model loads
     stream = on_record if world.size == 1 else None
     parts = gather(lambda: _run_local(config, plan, load, global_progress(progress, world), stream, world), world)

@@ -123,10 +123,22 @@ def window_nll_sums(model: nn.Module, stream: torch.Tensor, windows: list[Window
     return sums
 
 
-def summarize(sums: list[float], windows: list[Window], seqlen: int) -> PerplexityResult:
-    """ppl = exp(total NLL / tokens scored): for non-overlapping windows, the mean of the window means."""
+def window_means(sums: list[float], windows: list[Window], sliding: bool) -> list[float]:
+    """Each window's mean NLL per scored token: a non-overlapping window's float32 sum divided in float32 (as
+    the reference scripts' per-window loss), a sliding window's in float64."""
+    if sliding:
+        return [s / w.scored for s, w in zip(sums, windows, strict=True)]
+    return (torch.tensor(sums, dtype=torch.float32) / windows[0].scored).double().tolist()
+
+
+def summarize(sums: list[float], windows: list[Window], seqlen: int, sliding: bool = False) -> PerplexityResult:
+    """ppl = exp(mean NLL): over non-overlapping windows the mean of the window means (all windows score the
+    same number of tokens), over sliding ones the total NLL / the tokens scored."""
     scored = sum(w.scored for w in windows)
-    mean = sum(sums) / scored
+    if sliding:
+        mean = sum(sums) / scored
+    else:
+        mean = torch.tensor(window_means(sums, windows, False), dtype=torch.float64).mean().item()
     return PerplexityResult(math.inf if mean >= 700 else math.exp(mean), mean, len(windows), seqlen, scored)
 
 
@@ -134,7 +146,7 @@ def sliding_perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, stri
                        on_windows: Callable[[torch.Tensor], None] | None = None) -> PerplexityResult:
     """Perplexity with overlapping windows (sliding_windows), ppl = exp(total NLL / tokens scored)."""
     windows = sliding_windows(stream.numel(), seqlen, stride, limit)
-    return summarize(window_nll_sums(model, stream, windows, 1, on_windows), windows, seqlen)
+    return summarize(window_nll_sums(model, stream, windows, 1, on_windows), windows, seqlen, sliding=True)
 
 
 def perplexity(model: nn.Module, stream: torch.Tensor, seqlen: int, limit: int | None = None,

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..core.artifacts import Provenance
+    from ..core.distributed import World
     from ..core.models import LoadedModel
     from .sources import Source
     from .training import StepLog, TrainState
@@ -166,8 +167,9 @@ class Job(Protocol):
         ...
 
     def train(self, teacher: nn.Module | None, windows: list[torch.Tensor], state: TrainState,
-              on_step: OnStep) -> TrainState:
-        """Train from state.step to the configured steps on windows, (N, T) per source."""
+              on_step: OnStep, world: World) -> TrainState:
+        """Train from state.step to the configured steps on windows, (N, T) per source (this rank's share of
+        each step's batch under torchrun)."""
         ...
 
     def save(self, state: TrainState, loss: float, provenance: Provenance) -> dict[str, Any]:
@@ -209,11 +211,11 @@ class BankJob:
         return {"prompts": init_bank(self.lm.model, self.lm.tokenizer, self.rows, c.prompt_len, c.init, c.seed)}
 
     def train(self, teacher: nn.Module | None, windows: list[torch.Tensor], state: TrainState,
-              on_step: OnStep) -> TrainState:
+              on_step: OnStep, world: World) -> TrainState:
         from .prompt_training import train_prompts as train_bank
 
         per_source = windows if self.separate else [pooled(windows, self.config.batch)]
-        return train_bank(self.lm.model, teacher, per_source, self.cfg, state, on_step)
+        return train_bank(self.lm.model, teacher, per_source, self.cfg, state, on_step, world)
 
     def save(self, state: TrainState, loss: float, provenance: Provenance) -> dict[str, Any]:
         from ..core.artifacts import save_artifact
@@ -279,7 +281,7 @@ class LoraJob:
         return {k: p.detach().float().cpu().clone() for k, p in lora_parameters(self.wrapped).items()}
 
     def train(self, teacher: nn.Module | None, windows: list[torch.Tensor], state: TrainState,
-              on_step: OnStep) -> TrainState:
+              on_step: OnStep, world: World) -> TrainState:
         from .lora_training import train_lora
 
         return train_lora(self.lm.model, self.wrapped, teacher, pooled(windows, self.config.batch), self.cfg, state,
@@ -380,13 +382,13 @@ class _StepRecorder:
 
 
 def _run(job: Job, teacher: LoadedModel | None, windows: list[torch.Tensor], state: TrainState,
-         recorder: _StepRecorder) -> tuple[TrainState, float]:
+         recorder: _StepRecorder, world: World) -> tuple[TrainState, float]:
     """The training loop under the recorder: (final state, last step's loss)."""
     recorder.progress(recorder.stage, total=recorder.config.steps)
     if state.step:
         recorder.progress(recorder.stage, advance=state.step)
     with recorder:
-        state = job.train(teacher.model if teacher else None, windows, state, recorder)
+        state = job.train(teacher.model if teacher else None, windows, state, recorder, world)
     return state, recorder.loss
 
 
@@ -394,10 +396,12 @@ def _job(lm: LoadedModel, config: TrainConfig, sources: list[Source]) -> Job:
     return BankJob(lm, config, sources) if config.method == "prompts" else LoraJob(lm, config, sources)
 
 
-def _load(spec: str, config: TrainConfig) -> LoadedModel:
+def _load(spec: str, config: TrainConfig, world: World) -> LoadedModel:
+    from ..core.distributed import rank_device
     from ..core.models import load_model
 
-    return load_model(spec, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code)
+    return load_model(spec, dtype=config.dtype, device=rank_device(config.device, world),
+                      trust_remote_code=config.trust_remote_code)
 
 
 @dataclass(frozen=True)
@@ -412,19 +416,21 @@ class _Prepared:
     windows: list[torch.Tensor]  # (N, T) per source
 
 
-def _prepare(config: TrainConfig, main: bool) -> _Prepared:
+def _prepare(config: TrainConfig, world: World) -> _Prepared:
     """Options, data, models, teacher and the starting state (the checkpoint's with --resume), in the order
     errors are reported; the loss log is trimmed to the checkpoint by rank 0 only."""
     from ..core.artifacts import Provenance
-    from ..core.distributed import local_rows
+    from ..core.distributed import local_rows, refuse_stdin
     from ..core.windows import draw_windows
     from .sources import load_sources, pack_texts
 
     config.check()
+    for spec in [config.data] if isinstance(config.data, str) else config.data:
+        refuse_stdin("--data", spec.rpartition("=")[2], world)  # NAME=FILE or FILE
     sources = load_sources(config.data, config.field, config.docs, config.source_field, config.input_field)
     curated = len(sources) > 1 or bool(config.source_field)
-    local_rows(config.batch * len(sources), "training windows")  # under torchrun: every rank gets a share
-    lm = _load(config.model, config)
+    local_rows(config.batch * len(sources), "training windows", world)  # under torchrun: every rank gets a share
+    lm = _load(config.model, config, world)
     data = config.data if isinstance(config.data, str) else list(config.data)
     args = {"method": config.method, "data": data, "field": config.field, "docs": config.docs,
             **({"source_field": config.source_field} if config.source_field else {}),
@@ -436,32 +442,33 @@ def _prepare(config: TrainConfig, main: bool) -> _Prepared:
     teacher = None
     if config.objective == "kd":
         args["teacher"] = spec = config.teacher or default_teacher(lm)
-        teacher = _load(spec, config)
+        teacher = _load(spec, config, world)
         check_teacher(teacher, lm, spec)
-    state = _start(replace(config, log=config.log if main else None), args, lm, job)
+    state = _start(replace(config, log=config.log if world.main else None), args, lm, job)
     n = config.steps * config.batch
     windows = [draw_windows(pack_texts(s.texts, config.seqlen) if curated else s.texts, lm.tokenizer, n,
                             config.seqlen, config.seed) for s in sources]  # (N, T) per source
     return _Prepared(lm, job, teacher, Provenance("prompt-bank", config.model, lm.fingerprint, args), state, windows)
 
 
-def train_prompts(config: TrainConfig, progress: Progress = silent) -> dict[str, Any]:
+def train_prompts(config: TrainConfig, progress: Progress = silent, world: World | None = None) -> dict[str, Any]:
     """Train what `config` asks for and write it (config.output, the export_peft directory, the OUTPUT.ckpt
     checkpoints, the log); the summary the CLI prints: output, model, fingerprint, the method's fields
     (final_loss, parameters, ...) and seconds. Bad options and data are refused (UserError) before the
     model loads; a resume with other settings before any training.
 
-    Under torchrun every rank prepares the same run (a failure on one stops all), each step's global batch
-    (--batch windows per source) is split across the ranks and their gradients summed, and rank 0 alone
-    writes the checkpoints, the log and the output."""
-    from ..core.distributed import join, together
+    With `world` (ops.core.distributed.world() under torchrun, as the CLI passes it) every rank prepares the
+    same run (a failure on one stops all), each step's global batch (--batch windows per source) is split
+    across the ranks and their gradients summed, and rank 0 alone writes the checkpoints, the log and the
+    output. Without it the call is a single process, whatever the environment says."""
+    from ..core.distributed import World, join, together
 
     t0 = time.perf_counter()
-    world = join()
-    run = together(lambda: _prepare(config, world.main), world)
+    world = join(world or World())
+    run = together(lambda: _prepare(config, world), world)
     writer = config if world.main else replace(config, log=None, save_every=0)
     recorder = _StepRecorder(writer, run.provenance, f"training {run.job.label}", progress if world.main else silent)
-    state, loss = _run(run.job, run.teacher, run.windows, run.state, recorder)
+    state, loss = _run(run.job, run.teacher, run.windows, run.state, recorder, world)
     extra = run.job.save(state, loss, run.provenance) if world.main else {}
     return {"output": config.output, "model": config.model, "fingerprint": run.lm.fingerprint, **extra,
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.distributed import local_rows
+from ..core.distributed import World, local_rows
 from ..core.errors import UserError
 from .lora import LoraLinear, add_lora, lora_parameters
 from .training import (
@@ -53,7 +53,7 @@ def init_lora(model: nn.Module, cfg: LoraTrainConfig) -> dict[str, LoraLinear]:
 
 def train_lora(model: nn.Module, wrapped: dict[str, LoraLinear], teacher: nn.Module | None, windows: torch.Tensor,
                cfg: LoraTrainConfig, state: TrainState,
-               on_step: Callable[[StepLog, TrainState], None] | None = None) -> TrainState:
+               on_step: Callable[[StepLog, TrainState], None] | None = None, world: World = World()) -> TrainState:
     """Train the adapters in `wrapped` (already in `model`) from state.step to cfg.steps on windows (N, T);
     state.params, keyed by PEFT names, seeds them (a fresh run passes the wrapped layers' own tensors)."""
     model.requires_grad_(False)
@@ -64,10 +64,10 @@ def train_lora(model: nn.Module, wrapped: dict[str, LoraLinear], teacher: nn.Mod
     device = model.get_input_embeddings().weight.device
 
     def step_loss(step: int) -> tuple[torch.Tensor, list[int]]:
-        ids = window_batch(windows, step, cfg.batch)[local_rows(cfg.batch, "training windows")].to(device)  # (b, T)
+        ids = window_batch(windows, step, cfg.batch)[local_rows(cfg.batch, "training windows", world)].to(device)  # (b, T)
         target = teacher_logits(teacher, ids) if cfg.objective == "kd" else None
         logits = model(input_ids=ids, use_cache=False).logits  # (b, T, V)
         return batch_mean(token_loss(cfg.objective, logits, ids, target), cfg.batch), []
 
-    return fit(params, step_loss, cfg.steps, cfg.lr, 0.0, state, on_step)
+    return fit(params, step_loss, cfg.steps, cfg.lr, 0.0, state, on_step, world)
 

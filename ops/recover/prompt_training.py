@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.distributed import local_rows
+from ..core.distributed import World, local_rows
 from ..core.errors import UserError, unknown_choice
 from .routing import attention_scores, bank_kv
 from .training import (
@@ -118,7 +118,7 @@ def balanced_assignment(scores: torch.Tensor, capacity: int) -> torch.Tensor:
 
 def train_prompts(model: nn.Module, teacher: nn.Module | None, windows: Sequence[torch.Tensor],
                   cfg: PromptTrainConfig, state: TrainState,
-                  on_step: Callable[[StepLog, TrainState], None] | None = None) -> TrainState:
+                  on_step: Callable[[StepLog, TrainState], None] | None = None, world: World = World()) -> TrainState:
     """Train state.params["prompts"] (S*K, P, d) from step state.step to cfg.steps on windows, one (N, T)
     tensor per source: each step, source s gives cfg.batch windows, assigned among its own K = cfg.prompts
     rows s*K .. s*K+K-1 only, so a prompt never sees another source's text. `model` and `teacher` stay
@@ -137,9 +137,9 @@ def train_prompts(model: nn.Module, teacher: nn.Module | None, windows: Sequence
         parts = [source_batch(s, step) for s in range(len(windows))]
         ids = torch.cat([i for i, _ in parts])  # (S*B, T), or (S*B*K, T) for `all`
         rows = torch.cat([r for _, r in parts])
-        mine = local_rows(len(rows), "training windows")  # under torchrun, this rank's share of the batch
+        mine = local_rows(len(rows), "training windows", world)  # under torchrun, this rank's share of the batch
         target = teacher_logits(teacher, ids[mine]) if cfg.objective == "kd" else None
         per = token_loss(cfg.objective, _student_logits(model, bank[rows[mine]], ids[mine]), ids[mine], target)
         return batch_mean(per, len(rows)), torch.bincount(rows.cpu(), minlength=k * len(windows)).tolist()
 
-    return fit({"prompts": bank}, step_loss, cfg.steps, cfg.lr, cfg.weight_decay, state, on_step)
+    return fit({"prompts": bank}, step_loss, cfg.steps, cfg.lr, cfg.weight_decay, state, on_step, world)

@@ -21,7 +21,7 @@ import torch
 from ..core.errors import UserError, unknown_choice
 
 BANK_KIND = "prompt-bank"
-RANDOM_ROUTE_SEED = 0  # --route random draws from a generator seeded with this, once per run
+RANDOM_ROUTE_SEED = 0  # --route random: each example's draw is seeded with this and its text
 ROUTES = ("none", "fixed:K", "attention", "entropy", "oracle", "random", "record")
 
 
@@ -103,16 +103,23 @@ def router(route: Route, model=None, tokenizer=None, bank: Bank | None = None, l
     tokens as `encode_pair` makes them, no special tokens), in batches, with the bank's keys and values
     cached once; attention scores go through `calibration` (route_calibration.py). oracle picks the rows
     trained on the task's own source (`task_source` maps task names to source names; the best of the rows by
-    attention when there are several), random a uniformly drawn row (a generator seeded once, so a run is
-    reproducible). `with_scores` (attention, entropy): each text's (row, raw scores (M,)) instead of its row."""
+    attention when there are several), random a uniformly drawn row (random_row: a function of the text, so
+    the draw is reproducible and does not depend on batching or on how ranks share the examples). `with_scores` (attention, entropy): each text's (row, raw scores (M,)) instead of its row."""
     if route.kind == "fixed":
         return lambda texts, task: [route.index] * len(texts)
     if route.kind == "random":
-        g = torch.Generator().manual_seed(RANDOM_ROUTE_SEED)
-        return lambda texts, task: torch.randint(0, len(bank.prompts), (len(texts),), generator=g).tolist()
+        return lambda texts, task: [random_row(t, task, len(bank.prompts)) for t in texts]
     if route.kind in ("attention", "entropy", "oracle"):
         return _model_router(route, model, tokenizer, bank, layers, calibration, with_scores, task_source or {})
     return lambda texts, task: [None] * len(texts)
+
+
+def random_row(text: str, task: str, rows: int) -> int:
+    """A uniformly drawn bank row for one example, seeded by RANDOM_ROUTE_SEED, the task and the text."""
+    import zlib
+
+    seed = zlib.crc32(f"{RANDOM_ROUTE_SEED}\0{task}\0{text}".encode())
+    return int(torch.randint(0, rows, (1,), generator=torch.Generator().manual_seed(seed)))
 
 
 def _model_router(route: Route, model, tokenizer, bank: Bank, layers: tuple[int, ...], calibration: str,

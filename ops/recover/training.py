@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core.distributed import World, all_reduce_sum
 from ..core.errors import unknown_choice
 
 OBJECTIVES = ("kd", "lm")
@@ -105,13 +106,14 @@ StepLoss = Callable[[int], tuple[torch.Tensor, list[int]]]  # step -> (this rank
 
 
 def fit(params: dict[str, nn.Parameter], step_loss: StepLoss, steps: int, lr: float, weight_decay: float,
-        state: TrainState, on_step: Callable[[StepLog, TrainState], None] | None = None) -> TrainState:
+        state: TrainState, on_step: Callable[[StepLog, TrainState], None] | None = None,
+        world: World = World()) -> TrainState:
     """AdamW on `params` from step state.step to `steps` (moments restored from state.adam), under
     torch's deterministic algorithms: with several CPU threads, a backward op otherwise accumulates in an
     order that changes from run to run (two runs of 6 steps differed by 1e-5 in the prompts; with the
     deterministic algorithms, and with one thread, they agree bit for bit)."""
     with deterministic_algorithms():
-        return _fit(params, step_loss, steps, lr, weight_decay, state, on_step)
+        return _fit(params, step_loss, steps, lr, weight_decay, state, on_step, world)
 
 
 @contextmanager
@@ -126,15 +128,15 @@ def deterministic_algorithms() -> Iterator[None]:
         torch.use_deterministic_algorithms(was, warn_only=warn)
 
 
-def _sum_over_ranks(params: dict[str, nn.Parameter], loss: torch.Tensor) -> None:
+def _sum_over_ranks(params: dict[str, nn.Parameter], loss: torch.Tensor, world: World) -> None:
     """Under torchrun each rank's loss is its rows' share of the global batch's mean: summing the gradients
     (and the loss, for the log) over the ranks gives what one process on the whole batch computes."""
-    from ..core.distributed import all_reduce_sum
-
+    if world.size == 1:
+        return
     for p in params.values():
         if p.grad is None:  # every rank must reduce the same tensors
             p.grad = torch.zeros_like(p)
-    all_reduce_sum([p.grad for p in params.values()] + [loss.detach()])
+    all_reduce_sum([p.grad for p in params.values()] + [loss.detach()], world)
 
 
 def batch_mean(per_row: torch.Tensor, rows: int) -> torch.Tensor:
@@ -143,7 +145,7 @@ def batch_mean(per_row: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _fit(params: dict[str, nn.Parameter], step_loss: StepLoss, steps: int, lr: float, weight_decay: float,
-         state: TrainState, on_step: Callable[[StepLog, TrainState], None] | None) -> TrainState:
+         state: TrainState, on_step: Callable[[StepLog, TrainState], None] | None, world: World) -> TrainState:
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
     for name, p in params.items():
         if f"{name}.exp_avg" in state.adam:
@@ -154,7 +156,7 @@ def _fit(params: dict[str, nn.Parameter], step_loss: StepLoss, steps: int, lr: f
         loss, counts = step_loss(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        _sum_over_ranks(params, loss)
+        _sum_over_ranks(params, loss, world)
         opt.step()
         state = TrainState({n: p.detach().cpu().clone() for n, p in params.items()}, step + 1,
                            {f"{n}.{k}": opt.state[p][k].detach().cpu().clone() for n, p in params.items() for k in ADAM_KEYS},

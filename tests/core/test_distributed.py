@@ -277,3 +277,21 @@ def test_align_under_two_ranks_equals_one_process(tiny_model, tmp_path):
     assert all(_close(x, y) for x, y in zip(a, b, strict=True)), "a node record differs between 1 and 2 processes"
     sa, sb = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert _close(sa["overall"], sb["overall"]) and sa["questions"] == sb["questions"]
+
+
+def test_a_command_that_does_not_shard_is_refused_under_torchrun(tiny_model, tmp_path):
+    args = ["compress", "-m", str(tiny_model), "--method", "magnitude", "-o", str(tmp_path / "m")]
+    got = ranks([args, args])
+    assert [p.returncode for p in got] == [1, 1] and got[1].stderr == b""
+    assert got[0].stderr.decode().splitlines() == [
+        "error: compress does not run under torchrun (2 processes): run it in one process; these shard their "
+        "work: eval, route, generate, align, train-prompts"]
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_random_route_depends_on_the_example_alone():
+    from rechannel.ops.recover.prompts import random_row
+
+    rows = [random_row(f"question {i}", "arc_easy", 5) for i in range(200)]
+    assert rows == [random_row(f"question {i}", "arc_easy", 5) for i in range(200)]  # no hidden generator state
+    assert set(rows) == set(range(5)) and max(rows.count(k) for k in range(5)) < 80  # spread over every row
