@@ -9,7 +9,7 @@ import typer
 from ..ops.core.records import load_texts, parse_range
 from . import options
 
-__all__ = ["BatchSize", "Data", "Docs", "Field", "Samples", "Seed", "Seqlen", "Targets", "calibrate_command",
+__all__ = ["BatchSize", "Data", "Docs", "Field", "Samples", "Seed", "Seqlen", "Stream", "Targets", "calibrate_command",
            "load_texts", "parse_range"]
 
 Data = Annotated[str, typer.Option("--data", "-d", help="JSONL of documents ('-' = stdin).")]
@@ -21,6 +21,7 @@ Seed = Annotated[int, typer.Option(help="Seed of the window draw (Python's rando
 Targets = Annotated[str, typer.Option(help="Regex over Linear names inside a block, e.g. 'mlp\\.'.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Windows per forward batch (1 is fastest on a CPU; more can help a GPU).")]
 Output = Annotated[str, typer.Option("--output", "-o", help="The statistics file (.safetensors).")]
+Stream = Annotated[bool, typer.Option("--stream", help="For models larger than memory: the weights stay in their safetensors shards and one decoder block at a time is read, used and dropped. The same output as without.")]
 Hessian = Annotated[bool, typer.Option("--hessian", help="Also store H = (2/n) sum x x^T, n windows (for SparseGPT and GPTQ).")]
 
 
@@ -39,6 +40,7 @@ def calibrate_command(
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     trust_remote_code: options.TrustRemoteCode = False,
+    stream: Stream = False,
 ) -> None:
     """Draw calibration windows (as the GPTQ/SparseGPT/Wanda code does) and store per-layer input statistics.
 
@@ -56,7 +58,7 @@ def calibrate_command(
 
     config = CalibrateConfig(data=data, output=output, field=field, docs=docs, samples=samples, seqlen=seqlen,
                              seed=seed, targets=targets, hessian=hessian, batch_size=batch_size, model=model,
-                             device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+                             device=device, dtype=dtype, trust_remote_code=trust_remote_code, stream=stream)
     with bars() as report:
         summary = calibrate(config, progress=report, load=options.load)
     with JsonlWriter(STDIO) as out:

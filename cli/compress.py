@@ -26,6 +26,7 @@ StaticGroups = Annotated[bool, typer.Option("--static-groups", help="GPTQ with -
 Format = Annotated[str | None, typer.Option("--format", help="compressed-tensors (the default with --bits: what vLLM, SGLang and transformers load, and rechannel), packed (rechannel's own layout; the default for what compressed-tensors cannot hold: 3-bit, act-order without --static-groups) or dense (float weights; the default without --bits, and the only format for a pruned model without --bits).", show_default=False)]
 Blocksize = Annotated[int, typer.Option(min=1, help="SparseGPT and GPTQ: columns per block.")]
 Percdamp = Annotated[float, typer.Option(min=0.0, help="SparseGPT and GPTQ: damping, a fraction of mean diag(H).")]
+Stream = Annotated[bool, typer.Option("--stream", help="For models larger than memory: one decoder block in memory at a time, read from the safetensors shards, compressed, spooled to OUTPUT.partial/ and dropped; the directory is then written tensor by tensor. Byte-identical to the in-memory output; a killed run resumes at its first unfinished block when started again with the same options. Writes compressed-tensors or dense.")]
 ErrorTokens = Annotated[int, typer.Option(min=1, help="Calibration tokens each layer's output error is measured on.")]
 
 
@@ -58,6 +59,7 @@ def compress_command(
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     trust_remote_code: options.TrustRemoteCode = False,
+    stream: Stream = False,
 ) -> None:
     """Prune or quantize every Linear in the decoder blocks and write a model directory; report on stdout.
 
@@ -81,7 +83,8 @@ def compress_command(
         sequential=sequential, true_sequential=true_sequential, field=field, docs=docs, samples=samples,
         seqlen=seqlen, seed=seed, targets=targets, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
         static_groups=static_groups, format=fmt, blocksize=blocksize, percdamp=percdamp, batch_size=batch_size,
-        error_tokens=error_tokens, model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        error_tokens=error_tokens, model=model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        stream=stream)
     with bars() as report:
         doc = compress(config, progress=report, load=options.load)
     with JsonlWriter(STDIO) as out:

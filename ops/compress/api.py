@@ -26,6 +26,13 @@ DEFAULT_MODEL = "smollm2-135m"
 Loader = Callable[..., Any]  # (spec, *, device, dtype, trust_remote_code) -> LoadedModel, as ops.core.models.load_model
 
 
+def _load_streamed(config: Any) -> Any:
+    """The model's skeleton, its weights left on disk (--stream)."""
+    from .streaming import load_streamed
+
+    return load_streamed(config.model, config.device, config.dtype, config.trust_remote_code)
+
+
 def _load(config: Any, load: Loader | None) -> Any:
     """The model a config names, through the caller's loader (the CLI's tames the libraries' logging first)."""
     if load is None:
@@ -52,6 +59,7 @@ class CalibrateConfig:
     device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:1 ...
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16
     trust_remote_code: bool = False  # allow code shipped with the model
+    stream: bool = False  # one block in memory at a time, read from the shards: for models larger than memory
 
 
 def calibrate(config: CalibrateConfig, progress: Progress = silent, load: Loader | None = None) -> dict[str, Any]:
@@ -65,7 +73,7 @@ def calibrate(config: CalibrateConfig, progress: Progress = silent, load: Loader
     check_outputs([Output("-o", config.output)],
                   [Input("--data", config.data), *(Input("--model", p) for p in model_paths(config.model))])
     texts = load_texts(config.data, config.field, config.docs)
-    lm = _load(config, load)
+    lm = _load_streamed(config) if config.stream else _load(config, load)
     from ..core.artifacts import Provenance, save_artifact
     from ..core.blocks import decoder_blocks
     from ..core.windows import draw_windows
@@ -75,7 +83,8 @@ def calibrate(config: CalibrateConfig, progress: Progress = silent, load: Loader
     windows = draw_windows(texts, lm.tokenizer, config.samples, config.seqlen, config.seed)  # (samples, seqlen)
     progress("calibrating", total=len(decoder_blocks(lm.model)))
     result = collect(lm.model, windows, config.targets, config.hessian, config.batch_size,
-                     on_block=lambda i: progress("calibrating", advance=1))
+                     on_block=lambda i: progress("calibrating", advance=1),
+                     hold=lm.holding if config.stream else None)
     args = {k: getattr(config, k) for k in ("data", "field", "docs", "samples", "seqlen", "seed", "targets", "hessian")}
     tensors, aliases = stats_to_tensors(result, windows)
     save_artifact(config.output, tensors, Provenance("calibration-stats", config.model, lm.fingerprint, args,
@@ -119,6 +128,8 @@ class CompressConfig:
     device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:1 ...
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16
     trust_remote_code: bool = False  # allow code shipped with the model
+    stream: bool = False  # one block in memory at a time, read from the shards, written out as it finishes;
+    #                       resumable from OUTPUT.partial/; the same bytes as the in-memory path
 
     @property
     def run_sequential(self) -> bool:
@@ -146,22 +157,28 @@ def compress(config: CompressConfig, progress: Progress = silent, load: Loader |
                   [*(Input("--model", p) for p in model_paths(config.model)),
                    Input("--calib", config.calib or ""), Input("--stats", config.stats or "")])
     plan = _plan(config)
-    lm = _load(config, load)
+    lm = _load_streamed(config) if config.stream else _load(config, load)
     plan = _fit_format(config, plan, lm.model)
     windows, one_shot_stats, calib_desc = _windows_and_stats(config, lm)
     if one_shot_stats is not None and not config.run_sequential:
         _check_stats(one_shot_stats, lm, plan.prune, config.stats)
     t_prune = time.perf_counter()
-    report = _run_protocol(config, plan, lm, windows, one_shot_stats, progress)
+    if config.stream:
+        report, spool = _stream_protocol(config, plan, lm, windows, one_shot_stats, progress)
+    else:
+        report = _run_protocol(config, plan, lm, windows, one_shot_stats, progress)
     entry = _entry(config, plan, lm, calib_desc)
     t_save = time.perf_counter()
-    _save(config, plan, lm, report, entry)
+    if config.stream:
+        _save_streamed(config, plan, lm, report, entry, spool)
+    else:
+        _save(config, plan, lm, report, entry)
     end = time.perf_counter()
     timing = {"load": round(t_prune - t0, 2), "prune": round(t_save - t_prune, 2), "save": round(end - t_save, 2)}
     totals = {**report.totals(),
               "error_tokens": min(config.error_tokens, windows.numel()) if config.run_sequential else None}
     if plan.quant is not None:
-        totals.update(_sizes(config.output, lm.model, report))
+        totals.update(_sizes(config.output, lm.model, list(report.quantized)))
     return {"output": config.output, **entry, "totals": totals, "seconds": round(end - t0, 2), "timing": timing,
             "layers": [vars(r) for r in report.layers]}
 
@@ -176,6 +193,8 @@ def _plan(config: CompressConfig) -> _Plan:
         raise UserError("give --calib or --stats, not both")
     if config.true_sequential and not (config.calib or (config.stats and config.sequential)):
         raise UserError("--true-sequential refines the sequential protocol: give --calib, or --stats with --sequential")
+    if config.stream and out_format == "packed":
+        raise UserError(_STREAM_FORMATS)
     if needs_data(config.method) and not (config.calib or config.stats):
         what = "--act-order and GPTQ need" if config.act_order else f"--method {config.method} needs"
         raise UserError(f"{what} calibration data: --calib FILE.jsonl or --stats FILE.safetensors")
@@ -183,6 +202,9 @@ def _plan(config: CompressConfig) -> _Plan:
 
 
 FORMATS = ["compressed-tensors", "packed", "dense"]
+_STREAM_FORMATS = ("--stream writes compressed-tensors or dense directories; rechannel's packed format (3 bits, "
+                   "act-order without --static-groups, groups that do not divide every input width) is written "
+                   "from a model in memory: drop --stream, or choose a scheme compressed-tensors holds")
 
 
 def _quant_spec(config: CompressConfig) -> tuple[Any, str]:
@@ -225,6 +247,9 @@ def _fit_format(config: CompressConfig, plan: _Plan, model: Any) -> _Plan:
     ragged = [(n, m.in_features) for n, m in _target_layers(model, config.targets) if m.in_features % width]
     if not ragged:
         return plan
+    if config.stream:
+        name, cols = ragged[0]
+        raise UserError(f"{_STREAM_FORMATS} ({name} has {cols} inputs, --group-size {width})")
     if config.format == "compressed-tensors":
         name, cols = ragged[0]
         raise UserError(f"--format compressed-tensors needs groups that divide every input width: {name} has {cols} "
@@ -366,24 +391,66 @@ def _save(config: CompressConfig, plan: _Plan, lm: Any, report: Any, entry: dict
 def _save_compressed_tensors(config: CompressConfig, plan: _Plan, lm: Any, report: Any, entry: dict[str, Any]) -> None:
     """The compressed-tensors directory: quantized layers packed by the library, the rest in 16-bit floats, the
     sparsity of a pruned model as metadata; config.json keeps the `rechannel` entry beside `quantization_config`."""
+    from ..core.ctformat import layer_tensors, save_compressed
+
+    packed = {name: layer_tensors(name, layer.quantized(), plan.quant.sym) for name, layer in report.quantized.items()}
+    state, model_config = _ct_layout(plan, lm.model, packed, entry)
+    save_compressed(state, model_config, lm.tokenizer, config.output)
+
+
+def _ct_layout(plan: _Plan, model: Any, packed: dict[str, dict[str, Any]],
+               entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors by name in the order they are saved, config.json) of a compressed-tensors directory; the
+    tensors are real, or meta tensors for a model streamed from disk (its layout only)."""
     from torch import nn
 
-    from ..core.ctformat import Scheme, layer_tensors, quantization_config, save_compressed
+    from ..core.ctformat import Scheme, quantization_config
     from ..core.qlinear import half_state
 
-    model, quant = lm.model, plan.quant
-    state = half_state(model, {f"{n}.weight" for n in report.quantized})
-    for name, layer in report.quantized.items():
-        state.update(layer_tensors(name, layer.quantized(), quant.sym))
+    quant = plan.quant
+    state = half_state(model, {f"{n}.weight" for n in packed})
+    for tensors in packed.values():
+        state.update(tensors)
     scheme = Scheme(quant.bits, quant.group_size, quant.sym, quant.act_order, plan.prune.sparsity,
                     str(plan.prune.pattern))
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in report.quantized]
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in packed]
     half = next(t.dtype for k, t in state.items() if t.is_floating_point() and not k.endswith(".weight_scale"))
     model_config = model.config.to_dict()
     model_config.update(rechannel=entry, dtype=str(half).removeprefix("torch."),
                         quantization_config=quantization_config(scheme, ignore))
     model_config.pop("quantization", None)
-    save_compressed(state, model_config, lm.tokenizer, config.output)
+    return state, model_config
+
+
+def _stream_protocol(config: CompressConfig, plan: _Plan, lm: Any, windows: Any, one_shot_stats: dict | None,
+                     progress: Progress) -> tuple[Any, Any]:
+    """Compress block by block from disk into the spool (resuming a killed run); (PruneReport, Spool)."""
+    from ..core.blocks import decoder_blocks
+    from .streaming import Spool, StreamPlan, compress_blocks, run_stamp
+
+    stage = _stage(config, plan)
+    progress(stage, total=len(decoder_blocks(lm.model)))
+    spool = Spool(config.output, run_stamp(config, lm.fingerprint))
+    sym = plan.quant is not None and plan.quant.sym
+    report = compress_blocks(lm, StreamPlan(plan.prune, plan.out_format, sym), spool,
+                             windows if config.run_sequential else None, one_shot_stats,
+                             on_block=lambda i: progress(stage, advance=1))
+    return report, spool
+
+
+def _save_streamed(config: CompressConfig, plan: _Plan, lm: Any, report: Any, entry: dict[str, Any],
+                   spool: Any) -> None:
+    """The output directory written tensor by tensor from the spool and the source, as _save writes it from
+    memory; the spool is removed once the directory is in place."""
+    from ..core.ctformat import save_compressed
+    from .streaming import OutputTensors, quantized_layout, save_dense
+
+    if plan.out_format == "compressed-tensors":
+        state, model_config = _ct_layout(plan, lm.model, quantized_layout(spool, list(report.quantized)), entry)
+        save_compressed(state, model_config, lm.tokenizer, config.output, fetch=OutputTensors(lm, spool, state))
+    else:
+        save_dense(lm, spool, config.output, entry)
+    spool.remove()
 
 
 def _target_layers(model: Any, targets: str) -> list[tuple[str, Any]]:
@@ -396,7 +463,7 @@ def _target_layers(model: Any, targets: str) -> list[tuple[str, Any]]:
             for layer in select_targets(block, targets).values()]
 
 
-def _sizes(output: str, model: Any, report: Any) -> dict[str, Any]:
+def _sizes(output: str, model: Any, quantized: list[str]) -> dict[str, Any]:
     """Bytes on disk against the fp16 size of the same weights: in total, and for the quantized layers alone
     (their codes, scales, zero points and group indices as written, against their float16 weights)."""
     from pathlib import Path
@@ -405,8 +472,8 @@ def _sizes(output: str, model: Any, report: Any) -> dict[str, Any]:
 
     files = [read_header(f) for f in sorted(Path(output).glob("*.safetensors"))]
     params = sum(p.numel() for p in model.parameters())
-    layers = sum(q.in_features * q.out_features for q in report.quantized.values())
-    prefixes = tuple(f"{n}." for n in report.quantized)
+    layers = sum(model.get_submodule(n).weight.numel() for n in quantized)
+    prefixes = tuple(f"{n}." for n in quantized)
     packed = sum(t.end - t.start for h in files for name, t in h.tensors.items()
                  if name.startswith(prefixes) and not name.endswith(".bias"))
     total = sum(f.stat().st_size for f in Path(output).glob("*.safetensors"))

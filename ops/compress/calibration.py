@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -181,18 +182,30 @@ class CalibrationResult:
 
 
 def calibrate(model: nn.Module, windows: torch.Tensor, targets: str, hessian: bool, batch_size: int = 8,
-              on_block: Callable[[int], None] | None = None) -> CalibrationResult:
-    """Dense statistics for every target layer, block by block, each block fed the dense outputs before it."""
-    inputs = capture_first_inputs(model, windows, batch_size)
+              on_block: Callable[[int], None] | None = None, hold: Hold | None = None) -> CalibrationResult:
+    """Dense statistics for every target layer, block by block, each block fed the dense outputs before it.
+    `hold(module)` keeps a module's weights in memory while it is used (a model streamed from disk); by
+    default every weight is already there."""
+    hold = hold or _resident
+    with hold(model.get_input_embeddings()):
+        inputs = capture_first_inputs(model, windows, batch_size)
     result = CalibrationResult(tokens=windows.numel())
     for i, block in enumerate(decoder_blocks(model)):
-        stats, inputs = collect_block_stats(block, inputs, select_targets(block, targets), hessian)
+        with hold(block):
+            stats, inputs = collect_block_stats(block, inputs, select_targets(block, targets), hessian)
         on_host: dict[int, LayerStats] = {}  # keep layers that share inputs sharing their statistics
         for name, st in stats.items():
             result.stats[f"layers.{i}.{name}"] = on_host.setdefault(id(st), st.cpu())
         if on_block:
             on_block(i)
     return result
+
+
+Hold = Callable[[nn.Module], AbstractContextManager]
+
+
+def _resident(module: nn.Module) -> AbstractContextManager:
+    return nullcontext(module)
 
 
 def stats_to_tensors(result: CalibrationResult, windows: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

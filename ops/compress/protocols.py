@@ -111,27 +111,35 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor, cfg: PruneConfig,
     """The reference protocol: block by block, statistics from the already-pruned model's activations."""
     inputs = capture_first_inputs(model, windows, cfg.batch_size)
     report = PruneReport()
-    paths = _module_paths(model)
+    paths = module_paths(model)
     for i, block in enumerate(decoder_blocks(model)):
-        layers = select_targets(block, cfg.targets)
-        dense = {n: layer.weight.data.clone() for n, layer in layers.items()}
-        groups = input_groups(block, inputs, layers) if cfg.true_sequential else [list(layers)]
-        reports = {}
-        for group in groups:
-            subset = {n: layers[n] for n in group}
-            stats, _ = collect_block_stats(block, inputs, subset, needs_hessian(cfg.method), need_outputs=False)
-            for n, layer in subset.items():
-                reports[n], qw = prune_layer(layer, stats[n], cfg, f"layers.{i}.{n}")
-                _keep(report, paths[id(layer)], qw)
-            del stats
-        reports = {n: reports[n] for n in layers}  # the report lists layers in the block's order
-        inputs, errors = _run_measuring(block, inputs, dense, layers, cfg.error_tokens)
-        for n, r in reports.items():
-            r.rel_error = errors[n]
-            report.layers.append(r)
+        inputs = sequential_block(block, i, inputs, cfg, report, paths)
         if on_block:
             on_block(i)
     return report
+
+
+def sequential_block(block: nn.Module, i: int, inputs: BlockInputs, cfg: PruneConfig, report: PruneReport,
+                     paths: dict[int, str]) -> BlockInputs:
+    """Compress block `i` in place on the inputs the compressed blocks before it produced; its layer reports
+    and packed layers go into `report`; returns the next block's inputs. Both compress paths (the model in
+    memory, or streamed block by block from disk) run this very function, so their outputs are identical."""
+    layers = select_targets(block, cfg.targets)
+    dense = {n: layer.weight.data.clone() for n, layer in layers.items()}
+    groups = input_groups(block, inputs, layers) if cfg.true_sequential else [list(layers)]
+    reports = {}
+    for group in groups:
+        subset = {n: layers[n] for n in group}
+        stats, _ = collect_block_stats(block, inputs, subset, needs_hessian(cfg.method), need_outputs=False)
+        for n, layer in subset.items():
+            reports[n], qw = prune_layer(layer, stats[n], cfg, f"layers.{i}.{n}")
+            _keep(report, paths[id(layer)], qw)
+        del stats
+    inputs, errors = _run_measuring(block, inputs, dense, layers, cfg.error_tokens)
+    for n in layers:  # the report lists layers in the block's order
+        reports[n].rel_error = errors[n]
+        report.layers.append(reports[n])
+    return inputs
 
 
 def hessian_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -147,23 +155,29 @@ def prune_one_shot(model: nn.Module, stats: dict[str, LayerStats], cfg: PruneCon
                    on_block: Callable[[int], None] | None = None) -> PruneReport:
     """Every layer from dense statistics (or none, for magnitude); no forward pass."""
     report = PruneReport()
-    paths = _module_paths(model)
+    paths = module_paths(model)
     for i, block in enumerate(decoder_blocks(model)):
-        for n, layer in select_targets(block, cfg.targets).items():
-            key = f"layers.{i}.{n}"
-            s = stats.get(key)
-            dense = layer.weight.data.clone() if s is not None and s.hessian is not None else None
-            r, qw = prune_layer(layer, s, cfg, key)
-            _keep(report, paths[id(layer)], qw)
-            if dense is not None:
-                r.rel_error = hessian_error(dense, layer.weight.data, s.hessian.to(dense.device))
-            report.layers.append(r)
+        one_shot_block(block, i, stats, cfg, report, paths)
         if on_block:
             on_block(i)
     return report
 
 
-def _module_paths(model: nn.Module) -> dict[int, str]:
+def one_shot_block(block: nn.Module, i: int, stats: dict[str, LayerStats], cfg: PruneConfig, report: PruneReport,
+                   paths: dict[int, str]) -> None:
+    """Compress block `i` in place from dense statistics; shared by both compress paths as sequential_block."""
+    for n, layer in select_targets(block, cfg.targets).items():
+        key = f"layers.{i}.{n}"
+        s = stats.get(key)
+        dense = layer.weight.data.clone() if s is not None and s.hessian is not None else None
+        r, qw = prune_layer(layer, s, cfg, key)
+        _keep(report, paths[id(layer)], qw)
+        if dense is not None:
+            r.rel_error = hessian_error(dense, layer.weight.data, s.hessian.to(dense.device))
+        report.layers.append(r)
+
+
+def module_paths(model: nn.Module) -> dict[int, str]:
     """id(module) -> its dotted name in the model: the names the packed file's tensors carry."""
     return {id(m): name for name, m in model.named_modules()}
 

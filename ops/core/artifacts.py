@@ -37,12 +37,13 @@ class Provenance:
 
 
 def save_artifact(path: str | Path, tensors: dict[str, Any], provenance: Provenance) -> None:
-    """Write `tensors` with provenance metadata, atomically."""
-    from safetensors.torch import save_file
+    """Write `tensors` with provenance metadata, atomically; the same tensors always give the same bytes
+    (safetensors' own save_file orders metadata keys at random)."""
+    from .shardwriter import save_tensors
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=provenance.to_metadata())
+        save_tensors(tmp, tensors, provenance.to_metadata())
 
 
 def read_provenance(path: str | Path) -> dict[str, Any]:

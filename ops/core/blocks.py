@@ -71,7 +71,7 @@ def capture_first_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     blocks = decoder_blocks(model)
     catcher = _Catcher(blocks[0])
     blocks[0] = catcher
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # the one module that runs (others may be on meta)
     hidden, kwargs = [], []
     try:
         for batch in _batches(windows, batch_size):

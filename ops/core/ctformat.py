@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import UserError
 from .packed import QuantizedWeight
+from .shardwriter import Fetch, write_shards
 
 FORMAT = "compressed-tensors"
 PORTABLE_BITS = (2, 4, 8)  # 32 is a multiple: every compressed-tensors version packs these alike
@@ -118,20 +119,17 @@ def _sparsity_config(scheme: Scheme, ignore: list[str]) -> dict[str, Any]:
 
 
 def save_compressed(state: dict[str, torch.Tensor], config: dict[str, Any], tokenizer: Any,
-                    out_dir: str | Path) -> Path:
+                    out_dir: str | Path, fetch: Fetch | None = None) -> Path:
     """Write a compressed-tensors directory atomically: config.json (the model's config dict, with
-    `quantization_config` in it), the weights sharded as save_pretrained shards them, and the tokenizer."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
+    `quantization_config` in it), the weights sharded as save_pretrained shards them, and the tokenizer.
+    `state` holds the tensors, or with `fetch` their layout only (meta tensors): each is then fetched when
+    written, one at a time, so a model larger than memory can be written from disk."""
     from .atomic import atomic_path
 
-    split = split_torch_state_dict_into_shards(state, max_shard_size=SHARD_BYTES)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for filename, names in split.filename_to_tensors.items():
-            save_file({n: state[n] for n in names}, str(tmp / filename), metadata={"format": "pt"})
+        split = write_shards(tmp, state, fetch or state.__getitem__, SHARD_BYTES)
         if split.is_sharded:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": split.tensor_to_filename}

@@ -273,6 +273,14 @@ def go_offline() -> None:
 LOADERS = ["rechannel", "transformers"]
 
 
+def source_dir(spec: str, trust_remote_code: bool = False) -> Path:
+    """The checked Hugging Face layout directory of a spec (a GGUF source converted once), nothing loaded."""
+    go_offline()
+    path = prepare(spec)
+    _check_architecture(path, _read_config(path, spec), trust_remote_code)
+    return path
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
                trust_remote_code: bool = False, loader: str = "rechannel") -> LoadedModel:
     """Load `spec` (alias, .gguf file or model directory) onto `device`, frozen and in eval mode.
@@ -282,14 +290,12 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     integration: what a user serving the directory elsewhere gets, to compare against."""
     if loader not in LOADERS:
         raise unknown_choice("loader", loader, LOADERS)
-    go_offline()
-    path = prepare(spec)
+    path = source_dir(spec, trust_remote_code)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
-    _check_architecture(path, _read_config(path, spec), trust_remote_code)
     try:
         model = _load_weights(path, torch_dtype, device, trust_remote_code, loader)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)

@@ -99,13 +99,19 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def half_state(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
     """Every tensor of `model` but those named in `skip`, floats in 16 bits (bfloat16 when the model is),
-    a tied lm_head saved once: what a quantized checkpoint stores beside its quantized layers."""
+    a tied lm_head saved once: what a quantized checkpoint stores beside its quantized layers. Parameters on
+    the meta device give their layout only (dtype and shape), for writing the tensors later one by one."""
     half = torch.bfloat16 if next(model.parameters()).dtype == torch.bfloat16 else torch.float16
-    state = {k: v.detach().to(half).contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
+    state = {k: _host(v.detach().to(half) if v.is_floating_point() else v)
              for k, v in model.state_dict().items() if k not in skip}
     for name in _untied(model, state):
         state.pop(name)
     return state
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and in host memory; a meta tensor (a model streamed from disk) stays a layout."""
+    return t if t.is_meta else t.contiguous().cpu()
 
 
 def packed_state(model: nn.Module, quantized: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
