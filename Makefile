@@ -7,7 +7,7 @@ OUT    ?= demo-out
 TORCH_CPU ?= torch==2.13.0
 export RECHANNEL_CACHE ?= $(HOME)/.cache/rechannel
 
-.PHONY: install test test-heavy demo prune-table eval-table quant-table serve-check scale-check idp-table align-demo align-dense align-compressed bench bench-route bench-kernels bench-eval lint clean
+.PHONY: install test test-heavy demo prune-table eval-table quant-table serve-check scale-check idp-table align-demo align-dense align-compressed bench bench-route bench-kernels bench-eval bench-memory lint clean
 .SECONDARY:  # keep the pruned model directories: they are intermediate targets of the eval files
 
 install: $(VENV)/.installed
@@ -258,6 +258,11 @@ bench-kernels: install
 bench-route: install
 	$(RC) models prepare smollm2-135m
 	$(BIN)/python tests/bench/route.py --data $(DATA) --device $(DEVICE) --out bench-latest.md
+
+# compress --stream against the in-memory path: peak anonymous memory on a 5 GB random Llama (wanda, gptq 4-bit),
+# outputs compared byte for byte; about 20 GB of disk under $(OUT)/bench-memory and 40 minutes on 2 cores
+bench-memory: install
+	$(BIN)/python tests/bench/memory.py --work $(OUT)/bench-memory --data $(DATA) --out bench-latest.md
 
 # eval against lm-evaluation-harness (same model, data, templates and limit), in one run on this machine.
 # The harness lives in its own venv, with the same torch and transformers as .venv.

@@ -38,10 +38,11 @@ def make_tokenizer():
 
 
 def make_tiny_llama(path: Path, seed: int = 0, layers: int = 2, hidden: int = 64, pad_vocab: int = 0,
-                    intermediate: int | None = None) -> Path:
+                    intermediate: int | None = None, tie: bool = False, shard: str | None = None) -> Path:
     """Save a random Llama (GQA, 2 layers) with its tokenizer in Hugging Face layout at `path`; `pad_vocab`
     extra embedding rows past the tokenizer's tokens, as some model families pad theirs; the MLP is
-    2 * hidden + 8 wide unless `intermediate` says otherwise."""
+    2 * hidden + 8 wide unless `intermediate` says otherwise; `tie` ties lm_head to the embeddings; `shard`
+    (e.g. "40KB") saves the weights in shards of at most that size."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,10 +50,10 @@ def make_tiny_llama(path: Path, seed: int = 0, layers: int = 2, hidden: int = 64
     config = LlamaConfig(vocab_size=len(tokenizer) + pad_vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden + 8,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=tie)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
     tokenizer.save_pretrained(path)
     return path
 

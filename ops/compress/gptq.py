@@ -31,6 +31,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, blocksize
         w, h = w[:, perm], h[perm][:, perm]
     grids = Grids(w_before if spec.group_size == -1 else w_before * ~dead, spec, perm)
     hinv, report = damped_inverse_cholesky(h, percdamp)
+    del h  # (C, C): not needed past the factor
     codes = torch.empty((rows, cols), dtype=torch.uint8, device=w.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)

@@ -119,9 +119,10 @@ class Spool:
         done = 0
         while self.block_file(done).is_file():
             done += 1
-        if sequential:
+        if sequential:  # blocks are spooled before the inputs they make: inputs ahead of the blocks are damage
             inputs = self.dir / "inputs.safetensors"
-            done = min(done, _inputs_after(inputs) + 1) if inputs.is_file() else 0
+            after = _inputs_after(inputs) if inputs.is_file() else -1
+            done = after + 1 if after + 1 <= done else 0
         return done
 
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], reports: list[LayerReport],
@@ -218,9 +219,21 @@ def compress_blocks(sm: StreamedModel, plan: StreamPlan, spool: Spool, windows: 
             spool.save_block(i, tensors, report.layers, made)
             if sequential:
                 spool.save_inputs(i, inputs)
+        _return_freed_memory()
         on_block(i)
     layers, quantized = spool.reports(len(blocks))
     return PruneReport(layers, dict.fromkeys(quantized))
+
+
+def _return_freed_memory() -> None:
+    """Hand the block's freed heap back to the system (glibc keeps it otherwise, and the next block's peak
+    would stack on it); a no-op where there is no glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _block_tensors(model: nn.Module, block: nn.Module, report: PruneReport,
@@ -289,15 +302,17 @@ def save_dense(sm: StreamedModel, spool: Spool, output: str, entry: dict[str, An
     tied weights saved once, 2 GB shards and their index), the weights written tensor by tensor."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+    from ..core import models
     from ..core.atomic import atomic_path
     from ..core.shardwriter import write_shards
+    from ..core.streamed import saving_order
 
     model = sm.model
     model.config.rechannel = entry
-    layout = remove_tied_weights_from_state_dict(model.state_dict(), model)  # meta tensors, in saving order
+    layout = saving_order(model, remove_tied_weights_from_state_dict(model.state_dict(), model))  # meta tensors
     with atomic_path(output) as tmp:
         model.save_pretrained(tmp, state_dict={})  # the config files only: no tensor is given to save
-        split = write_shards(tmp, layout, OutputTensors(sm, spool, layout), "2GB")
+        split = write_shards(tmp, layout, OutputTensors(sm, spool, layout), models.SHARD_SIZE)
         if split.is_sharded:
             index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
                      "weight_map": split.tensor_to_filename}

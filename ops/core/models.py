@@ -26,6 +26,7 @@ from .fingerprint import model_fingerprint, weight_files
 from .tensorfile import read_header
 
 DEFAULT_MODEL = "smollm2-135m"
+SHARD_SIZE = "2GB"  # dense model directories: safetensors shards of at most this size (save_pretrained's rule)
 _SOURCE_MARKER = "rechannel-source.json"  # written into a converted directory: where it came from
 
 
@@ -346,6 +347,6 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path, entry: dict[str,
 
     model.config.rechannel = entry
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)

@@ -47,6 +47,9 @@ def streamed_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool) -
     from .qlinear import skeleton
 
     model = skeleton(path, dtype, trust_remote_code)
+    model.tie_weights()  # from_config on meta leaves tied parameters apart; from_pretrained ties them
+    model._weight_conversions = []  # what from_pretrained records for weights stored under the model's own names
+    #                                 (check_streamable): saving then orders tensors as for a loaded model
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
     return model.eval().requires_grad_(False)
@@ -99,3 +102,13 @@ def release(model: nn.Module, prefix: str) -> None:
 def module_name(model: nn.Module, module: nn.Module) -> str:
     """The dotted name of a submodule (the prefix its parameters are stored under)."""
     return next(n for n, m in model.named_modules() if m is module)
+
+
+def saving_order(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` in the order save_pretrained writes it (transformers 5 sorts by name, layers numerically, when
+    it reverts the load-time weight conversions; transformers 4 keeps the model's order)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return state
+    return revert_weight_conversion(model, state)
