@@ -106,9 +106,9 @@ class Spool:
         self.dir = Path(f"{output}.partial")
         self.dir.mkdir(parents=True, exist_ok=True)
         stamp = self.dir / "run.json"
-        if stamp.is_file():
+        if stamp.is_file() and self.block_file(0).is_file():
             _check_same_run(json.loads(stamp.read_text()), run, self.dir)
-        else:
+        else:  # a new run, or one that stopped before its first block: nothing to resume
             _write_whole(stamp, lambda p: p.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n"))
 
     def block_file(self, i: int) -> Path:
@@ -209,20 +209,28 @@ def compress_blocks(sm: StreamedModel, plan: StreamPlan, spool: Spool, windows: 
     for i in range(start):
         on_block(i)
     for i in range(start, len(blocks)):
-        with sm.holding(blocks[i]) as block:
-            report = PruneReport()
-            if sequential:
-                inputs = sequential_block(block, i, inputs, plan.prune, report, paths)
-            else:
-                one_shot_block(block, i, stats or {}, plan.prune, report, paths)
-            tensors, made = _block_tensors(sm.model, block, report, plan)
-            spool.save_block(i, tensors, report.layers, made)
-            if sequential:
-                spool.save_inputs(i, inputs)
+        inputs = _compress_block(sm, blocks[i], i, plan, spool, inputs, stats, paths)
         _return_freed_memory()
         on_block(i)
     layers, quantized = spool.reports(len(blocks))
     return PruneReport(layers, dict.fromkeys(quantized))
+
+
+def _compress_block(sm: StreamedModel, block: nn.Module, i: int, plan: StreamPlan, spool: Spool,
+                    inputs: BlockInputs | None, stats: dict | None, paths: dict[int, str]) -> BlockInputs | None:
+    """Read block i, compress it (sequentially on `inputs`, else one-shot from `stats`), spool what the output
+    keeps of it and the next block's inputs, and drop it: nothing of it outlives this call."""
+    with sm.holding(block):
+        report = PruneReport()
+        if inputs is not None:
+            inputs = sequential_block(block, i, inputs, plan.prune, report, paths)
+        else:
+            one_shot_block(block, i, stats or {}, plan.prune, report, paths)
+        tensors, made = _block_tensors(sm.model, block, report, plan)
+        spool.save_block(i, tensors, report.layers, made)
+        if inputs is not None:
+            spool.save_inputs(i, inputs)
+    return inputs
 
 
 def _return_freed_memory() -> None:

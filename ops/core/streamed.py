@@ -84,9 +84,10 @@ def materialize(model: nn.Module, prefix: str, ckpt: Checkpoint, device: str, dt
     module = model.get_submodule(prefix)
     for name, _ in list(module.named_parameters()):
         full = f"{prefix}.{name}"
-        value = ckpt.get(full)
-        if value.is_floating_point():
-            value = value.to(dtype)
+        value = ckpt.get(full)  # a view of the file's memory map
+        # a copy of its own: compressing writes the weights in place, and written pages of a private map stay
+        # as anonymous memory for as long as the file is open (the whole run), block after block
+        value = value.to(dtype=dtype if value.is_floating_point() else value.dtype, copy=True)
         set_module_tensor_to_device(model, full, device, value=value)
 
 
