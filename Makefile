@@ -7,7 +7,7 @@ OUT    ?= demo-out
 TORCH_CPU ?= torch==2.13.0
 export RECHANNEL_CACHE ?= $(HOME)/.cache/rechannel
 
-.PHONY: install test test-heavy demo prune-table eval-table quant-table serve-check scale-check idp-table align-demo align-dense align-compressed bench bench-route bench-kernels bench-eval bench-memory lint clean
+.PHONY: install test test-heavy demo prune-table eval-table quant-table serve-check scale-check stream-check idp-table align-demo align-dense align-compressed bench bench-route bench-kernels bench-eval bench-memory lint clean
 .SECONDARY:  # keep the pruned model directories: they are intermediate targets of the eval files
 
 install: $(VENV)/.installed
@@ -58,6 +58,7 @@ demo: install
 	@$(MAKE) --no-print-directory idp-table IDP_MODELS=wanda-50 IDP_STEPS=$(DEMO_IDP_STEPS) IDP_BATCH=1 IDP_SEQLEN=64 \
 	  IDP_LIMIT=$(KNOW_LIMIT) IDP_TASKS=arc_easy,piqa,lambada
 	@$(MAKE) --no-print-directory align-dense ALIGN_QUESTIONS=1 ALIGN_BUDGET=8
+	@$(MAKE) --no-print-directory stream-check
 	@$(MAKE) --no-print-directory scale-check
 
 # `make demo` runs the 50% rows (make prune-table adds 2:4), the 4-bit group-64 quantization pair (compressed-tensors:
@@ -170,8 +171,21 @@ $(OUT)/%.eval.json: $(OUT)/%/config.json
 
 method  = $(word 1,$(subst -, ,$*))
 pattern = $(if $(findstring 2of4,$*),--pattern 2:4,--sparsity 0.5)
+prune_flags = --method $(method) $(pattern) $(if $(filter magnitude,$(method)),,--stats $(OUT)/stats.safetensors --sequential)
+compress_flags = $(if $(filter rtn gptq,$(method)),$(quant_flags),$(prune_flags))
 $(OUT)/%/config.json: $(OUT)/stats.safetensors
-	$(RC) compress --method $(method) $(pattern) $(if $(filter magnitude,$(method)),,--stats $< --sequential) --device $(DEVICE) -o $(OUT)/$* > $(OUT)/$*.report.json
+	$(RC) compress $(compress_flags) --device $(DEVICE) -o $(OUT)/$* > $(OUT)/$*.report.json
+
+# compress --stream: the demo's wanda-50 and gptq-4-g64 made again with one block in memory at a time; every file
+# must be the in-memory output's, byte for byte (the check fails otherwise)
+STREAM_RUNS ?= wanda-50 gptq-4-g64
+$(OUT)/%.stream/config.json: $(OUT)/stats.safetensors
+	$(RC) compress $(compress_flags) --stream --device $(DEVICE) \
+	  -o $(OUT)/$*.stream > $(OUT)/$*.stream.report.json
+
+stream-check: install $(STREAM_RUNS:%=$(OUT)/%/config.json) $(STREAM_RUNS:%=$(OUT)/%.stream/config.json)
+	@echo "== compress --stream against the in-memory path"
+	@$(BIN)/python tests/bench/stream_check.py $(OUT) $(STREAM_RUNS)
 
 # Quantization: RTN and GPTQ at 8, 4, 3 and 2 bits, groups of 128 and one grid per row. Written in the
 # compressed-tensors format where it holds the scheme (per row; 2, 4 and 8 bits), packed otherwise (3 bits, and
@@ -186,8 +200,7 @@ quant-table: install $(OUT)/dense.eval.json $(QUANT_RUNS:%=$(OUT)/%.eval.json)
 	@$(RC) table $(OUT)/dense.eval.json $(QUANT_RUNS:%=$(OUT)/%.eval.json) --metrics ppl,size --markdown > $(OUT)/quant-table.md
 
 qword  = $(word $(1),$(subst -, ,$*))
-$(QUANT_RUNS:%=$(OUT)/%/config.json): $(OUT)/%/config.json: $(OUT)/stats.safetensors
-	$(RC) compress --method $(call qword,1) --bits $(call qword,2) --group-size $(if $(filter row,$(call qword,3)),-1,$(patsubst g%,%,$(call qword,3))) $(if $(filter gptq,$(call qword,1)),--stats $< --sequential) --device $(DEVICE) -o $(OUT)/$* > $(OUT)/$*.report.json
+quant_flags = --method $(call qword,1) --bits $(call qword,2) --group-size $(if $(filter row,$(call qword,3)),-1,$(patsubst g%,%,$(call qword,3))) $(if $(filter gptq,$(call qword,1)),--stats $(OUT)/stats.safetensors --sequential)
 
 # A compressed-tensors directory as a serving stack sees it: plain transformers (from_pretrained, through its
 # compressed-tensors integration) against rechannel's own loader, on the same WikiText-2 windows
