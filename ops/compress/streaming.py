@@ -66,11 +66,10 @@ def load_streamed(spec: str, device: str, dtype: str, trust_remote_code: bool) -
     """The skeleton of a float safetensors checkpoint (an alias or .gguf is converted first, as always), its
     small buffers on `device`, and its tokenizer; quantized checkpoints are refused."""
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoTokenizer
 
     from ..core.ctformat import ct_entry
     from ..core.fingerprint import model_fingerprint
-    from ..core.models import resolve_device, resolve_dtype, source_dir
+    from ..core.models import load_tokenizer, resolve_device, resolve_dtype, source_dir
     from ..core.qlinear import packed_entry
     from ..core.streamed import check_streamable, streamed_skeleton
 
@@ -84,9 +83,7 @@ def load_streamed(spec: str, device: str, dtype: str, trust_remote_code: bool) -
     check_streamable(model, ckpt)
     for name, _ in list(model.named_buffers()):
         set_module_tensor_to_device(model, name, device)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path, trust_remote_code)
     return StreamedModel(model, tokenizer, path, model_fingerprint(path), spec, ckpt, device, torch_dtype)
 
 

@@ -294,19 +294,25 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     path = source_dir(spec, trust_remote_code)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    from transformers import AutoTokenizer
-
     t0 = time.perf_counter()
     try:
         model = _load_weights(path, torch_dtype, device, trust_remote_code, loader)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code)
     except (ValueError, OSError, KeyError) as e:  # transformers' messages span lines and name no file
         raise UserError(f"{spec}: cannot load the model ({type(e).__name__}: {_first_line(e)})") from None
     model.eval().requires_grad_(False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.rechannel_load_seconds = time.perf_counter() - t0
     return LoadedModel(model, tokenizer, path, model_fingerprint(path), spec)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """The directory's tokenizer, padding with its end-of-sequence token when it names no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _load_weights(path: Path, dtype: Any, device: str, trust_remote_code: bool, loader: str) -> Any:
