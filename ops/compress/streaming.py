@@ -73,6 +73,7 @@ def load_streamed(spec: str, device: str, dtype: str, trust_remote_code: bool) -
     from ..core.qlinear import packed_entry
     from ..core.streamed import check_streamable, streamed_skeleton
 
+    map_large_allocations()
     path = source_dir(spec, trust_remote_code)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -230,15 +231,33 @@ def _compress_block(sm: StreamedModel, block: nn.Module, i: int, plan: StreamPla
     return inputs
 
 
-def _return_freed_memory() -> None:
-    """Hand the block's freed heap back to the system (glibc keeps it otherwise, and the next block's peak
-    would stack on it); a no-op where there is no glibc."""
+def _glibc() -> Any:
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hand the block's freed heap back to the system (glibc keeps it otherwise, and the next block's peak
+    would stack on it); a no-op where there is no glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve every allocation above `threshold` bytes from its own memory map, returned to the system when
+    freed. glibc otherwise raises the threshold as large blocks are freed (up to 32 MB), after which tensors
+    of a few MB come from the heap, whose fragments accumulate block after block."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 def _block_tensors(model: nn.Module, block: nn.Module, report: PruneReport,
