@@ -60,6 +60,7 @@ class StreamedModel:
             yield module
         finally:
             release(self.model, prefix)
+            self.model.tie_weights()  # a tied lm_head follows the embeddings' new (meta) parameter again
 
 
 def load_streamed(spec: str, device: str, dtype: str, trust_remote_code: bool) -> StreamedModel:

@@ -72,12 +72,15 @@ def test_stream_writes_the_same_bytes_as_in_memory(sharded_model, docs_file, tmp
 
 
 def test_stream_one_shot_and_tied_head(docs_file, tmp_path):
-    """One-shot from a statistics file (SparseGPT with Hessians) and magnitude without data, on a model whose
-    lm_head is its embedding matrix (saved once, as save_pretrained saves it)."""
+    """One-shot from a statistics file (SparseGPT with Hessians), magnitude without data, and sequential Wanda
+    (which reads the embeddings for the first block's inputs), on a model whose lm_head is its embedding matrix
+    (saved once, as save_pretrained saves it)."""
     model = make_tiny_llama(tmp_path / "tied", layers=2, tie=True, shard="30KB")
     stats = tmp_path / "stats.safetensors"
     calibrate(CalibrateConfig(str(docs_file), str(stats), hessian=True, model=str(model), device="cpu", **CALIB))
-    for name, options in {"sgpt": {"method": "sparsegpt", "stats": str(stats)}, "mag": {"method": "magnitude"}}.items():
+    runs = {"sgpt": {"method": "sparsegpt", "stats": str(stats)}, "mag": {"method": "magnitude"},
+            "wanda": {"method": "wanda", "calib": str(docs_file), **CALIB}}  # the embeddings read, then dropped
+    for name, options in runs.items():
         _both(tmp_path / name, model, **options)
         a, b = _files(tmp_path / name / "memory"), _files(tmp_path / name / "stream")
         assert list(a) == list(b) and [n for n in a if a[n] != b[n]] == []
