@@ -57,14 +57,14 @@ def test_wrong_kind_and_foreign_files_are_refused(tmp_path):
 
 
 def test_save_interrupted_midway_writes_nothing(tmp_path, monkeypatch):
-    import safetensors.torch
+    from rechannel.ops.core import shardwriter
 
-    def half_then_interrupt(tensors, filename, metadata=None):
+    def half_then_interrupt(filename, tensors, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"\x00" * 100)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_then_interrupt)
+    monkeypatch.setattr(shardwriter, "save_tensors", half_then_interrupt)
     path = tmp_path / "bank.safetensors"
     with pytest.raises(KeyboardInterrupt):
         save_artifact(path, {"x": torch.ones(2)}, Provenance("prompt-bank", "m", "f"))
