@@ -58,6 +58,7 @@ demo: install
 	@$(MAKE) --no-print-directory idp-table IDP_MODELS=wanda-50 IDP_STEPS=$(DEMO_IDP_STEPS) IDP_BATCH=1 IDP_SEQLEN=64 \
 	  IDP_LIMIT=$(KNOW_LIMIT) IDP_TASKS=arc_easy,piqa,lambada
 	@$(MAKE) --no-print-directory align-dense ALIGN_QUESTIONS=1 ALIGN_BUDGET=8
+	@$(MAKE) --no-print-directory stream-check
 	@$(MAKE) --no-print-directory scale-check
 
 # `make demo` runs the 50% rows (make prune-table adds 2:4), the 4-bit group-64 quantization pair (compressed-tensors:
@@ -176,9 +177,7 @@ $(OUT)/%/config.json: $(OUT)/stats.safetensors
 	$(RC) compress $(compress_flags) --device $(DEVICE) -o $(OUT)/$* > $(OUT)/$*.report.json
 
 # compress --stream: the demo's wanda-50 and gptq-4-g64 made again with one block in memory at a time; every file
-# must be the in-memory output's, byte for byte (the check fails otherwise). Not yet in `make demo`: the default
-# model's directory has no generation_config.json, and the dense streamed output's then carries two default flags
-# (output_attentions, output_hidden_states) that the in-memory one omits; its weights and config.json are identical
+# must be the in-memory output's, byte for byte (the check fails otherwise)
 STREAM_RUNS ?= wanda-50 gptq-4-g64
 $(OUT)/%.stream/config.json: $(OUT)/stats.safetensors
 	$(RC) compress $(compress_flags) --stream --device $(DEVICE) \

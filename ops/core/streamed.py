@@ -52,6 +52,9 @@ def streamed_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool) -
     #                                 (check_streamable): saving then orders tensors as for a loaded model
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    elif model.can_generate():  # from_pretrained's fallback: the generation entries of config.json
+        model.generation_config = GenerationConfig.from_pretrained(path, config_file_name="config.json",
+                                                                   _from_model_config=True, local_files_only=True)
     return model.eval().requires_grad_(False)
 
 

@@ -76,6 +76,7 @@ def test_stream_one_shot_and_tied_head(docs_file, tmp_path):
     (which reads the embeddings for the first block's inputs), on a model whose lm_head is its embedding matrix
     (saved once, as save_pretrained saves it)."""
     model = make_tiny_llama(tmp_path / "tied", layers=2, tie=True, shard="30KB")
+    (model / "generation_config.json").unlink()  # as the default model's converted directory: from config.json
     stats = tmp_path / "stats.safetensors"
     calibrate(CalibrateConfig(str(docs_file), str(stats), hessian=True, model=str(model), device="cpu", **CALIB))
     runs = {"sgpt": {"method": "sparsegpt", "stats": str(stats)}, "mag": {"method": "magnitude"},
